@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad file, a bad flag, an image too small) raises an
+``NSTError``. The CLI prints its message as one line on stderr and exits non-zero;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class NSTError(Exception):
+    """An error whose message is complete on one line and meant for the user."""
+
+    exit_code = 1
+
+
+class WeightsError(NSTError):
+    """The weights spec or file cannot be used."""
+
+
+class InputError(NSTError):
+    """An input tensor or image does not fit the network."""
+
+
+class ExportError(NSTError):
+    """An export artefact could not be written or failed its self-check."""
+
+
+class ManifestError(NSTError):
+    """An export directory's manifest is missing, malformed or does not match."""

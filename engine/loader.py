@@ -1,0 +1,143 @@
+"""Get a differentiable extractor from an export directory or from weights alone.
+
+Both paths give a module with the same interface as :class:`engine.features.VGGFeatures`
+(``taps``, ``min_side``, ``forward(x) -> tuple``), so the engine runs on either.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InputError, ManifestError
+from .features import VGGFeatures, build_extractor
+from .fsutil import sha256_file
+from .layers import DEFAULT_TAPS, parse_taps
+from .manifest import TORCHSCRIPT_NAME, read_manifest
+
+
+class ScriptedExtractor(nn.Module):
+    """An exported TorchScript extractor, checked against its manifest.
+
+    Returns only the taps asked for, in depth order, so a file exported with more taps
+    than a caller needs still fits.
+    """
+
+    def __init__(self, scripted: torch.jit.ScriptModule, manifest: dict, taps: tuple[str, ...]):
+        super().__init__()
+        self.scripted = scripted
+        self.manifest = manifest
+        self.network = manifest["network"]
+        self.taps = taps
+        self.pool = manifest["pool"]
+        self.min_side = int(manifest["input"]["min_side"])
+        self.channels_last = manifest.get("memory_format") == "channels_last"
+        all_taps = list(manifest["taps"])
+        self._select = tuple(all_taps.index(t) for t in taps)
+        self._n_outputs = len(all_taps)
+        self.weights_info = manifest["weights"]
+        self.cut_after = manifest.get("cut_after", all_taps[-1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.manifest["dtype"])
+
+    def check_input(self, x: torch.Tensor) -> None:
+        VGGFeatures.check_input(self, x)  # same rules, same messages
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # x: (N, 3, H, W), RGB in [0, 1]
+        if not torch.compiler.is_compiling():
+            self.check_input(x)
+        outs = self.scripted(x)
+        return tuple(outs[i] for i in self._select)
+
+
+def load_export(
+    directory: str | Path,
+    taps=None,
+    pool: str | None = None,
+    network: str | None = None,
+    verify_hash: bool = True,
+) -> ScriptedExtractor:
+    """Load the TorchScript extractor from an export directory.
+
+    ``taps``, ``pool`` and ``network``, when given, must agree with the manifest; the
+    file's SHA-256 must equal the one recorded at export time; the module must return as
+    many outputs, with as many channels, as the manifest says.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if network is not None and manifest["network"] != network:
+        raise ManifestError(f"{directory} holds {manifest['network']}, but {network} was asked for")
+    if pool is not None and manifest["pool"] != pool:
+        raise ManifestError(f"{directory} was exported with {manifest['pool']} pooling, but {pool} was asked for")
+    wanted = tuple(manifest["taps"]) if taps is None else parse_taps(taps, manifest["network"])
+    missing = [t for t in wanted if t not in manifest["taps"]]
+    if missing:
+        raise ManifestError(
+            f"{directory} does not export tap {missing[0]} (it has {', '.join(manifest['taps'])}); "
+            f"re-export with --taps {','.join(wanted)}"
+        )
+    entry = manifest["artefacts"].get("torchscript")
+    if not entry or not entry.get("file"):
+        raise ManifestError(f"{directory}: the manifest lists no TorchScript artefact")
+    path = directory / entry["file"]
+    if not path.is_file():
+        raise ManifestError(f"{directory}: TorchScript file {entry['file']} is missing")
+    if verify_hash and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+        raise ManifestError(
+            f"{path}: SHA-256 does not match the manifest (the file was changed after export); re-export it"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
+            scripted = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ManifestError(f"cannot load TorchScript file {path}: {str(e).strip().splitlines()[0]}") from None
+    scripted.eval()
+    module = ScriptedExtractor(scripted, manifest, wanted)
+    _check_outputs(module, manifest, path)
+    return module
+
+
+def _check_outputs(module: ScriptedExtractor, manifest: dict, path: Path) -> None:
+    """Run the smallest valid input once and compare the outputs with the manifest."""
+    side = module.min_side
+    dtype = module.dtype
+    x = torch.rand(1, 3, side, side).to(dtype)
+    try:
+        with torch.no_grad():
+            outs = module.scripted(x)
+    except RuntimeError as e:
+        raise ManifestError(f"{path} does not run on a {side}x{side} input: {str(e).strip().splitlines()[0]}") from None
+    if not isinstance(outs, (tuple, list)) or len(outs) != module._n_outputs:
+        n = len(outs) if isinstance(outs, (tuple, list)) else 1
+        raise ManifestError(f"{path} returns {n} outputs but the manifest lists {module._n_outputs} taps")
+    for name, out, ch in zip(manifest["taps"], outs, manifest["tap_channels"]):
+        if out.dim() != 4 or out.shape[1] != ch:
+            raise ManifestError(f"{path}: output {name} has shape {tuple(out.shape)}, expected {ch} channels")
+
+
+def load_extractor(
+    extractor: str | Path | None = None,
+    weights: str = "imagenet",
+    taps=DEFAULT_TAPS,
+    pool: str = "max",
+    network: str = "vgg19",
+) -> nn.Module:
+    """The engine's one way to get an extractor.
+
+    With ``extractor`` (an export directory) the TorchScript file is used and checked
+    against ``taps``/``pool``/``network``; otherwise the eager module is built from
+    ``weights``.
+    """
+    if extractor is not None:
+        return load_export(extractor, taps=taps, pool=pool, network=network)
+    return build_extractor(weights, taps=taps, pool=pool, network=network)
+
+
+__all__ = ["ScriptedExtractor", "load_export", "load_extractor", "InputError"]

@@ -1,0 +1,52 @@
+"""The export manifest: names, format version, and reading it back with checks.
+
+``export/`` writes ``manifest.json`` last, after every artefact passed its self-check, so
+a directory with a manifest is a finished export. Hosts (the engine, the C++ example)
+read it to learn how to call the network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import ManifestError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "nst-extractor"
+FORMAT_VERSION = 1
+TORCHSCRIPT_NAME = "extractor.ts"
+ONNX_NAME = "extractor.onnx"
+PROGRAM_NAME = "extractor.pt2"
+
+_REQUIRED = ("format", "format_version", "network", "taps", "pool", "input", "normalization", "artefacts", "weights")
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """Read and minimally validate ``directory/manifest.json``."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise ManifestError(f"export directory not found: {directory}")
+    if not directory.is_dir():
+        raise ManifestError(f"not an export directory: {directory} is a file")
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(
+            f"{directory} has no {MANIFEST_NAME}: not a finished export (run `nst export --out {directory}`)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path} is not a JSON object")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise ManifestError(f"{path} lacks the field {missing[0]!r}")
+    if data["format"] != FORMAT:
+        raise ManifestError(f"{path} is not an nst extractor manifest (format {data['format']!r})")
+    if data["format_version"] != FORMAT_VERSION:
+        raise ManifestError(
+            f"{path} has format version {data['format_version']}; this nst reads version {FORMAT_VERSION}"
+        )
+    return data

@@ -1,0 +1,65 @@
+"""Settings of the export step; the ``nst export`` options are generated from this class."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config import option
+from engine.errors import ExportError
+from engine.features import POOLS
+from engine.layers import DEFAULT_TAPS, NETWORKS
+
+FORMATS = ("torchscript", "onnx", "pt2")
+PRECISIONS = ("fp32", "fp16", "bf16")
+MIN_OPSET = 18
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'96x160' -> (96, 160): height x width."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    if not m:
+        raise ExportError(f"bad size {text!r}: write HEIGHTxWIDTH, for example 96x160")
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclass
+class ExportSettings:
+    out: Path = option(help="directory to write the artefacts and manifest.json into", metavar="DIR", parse=Path)
+    weights: str = option("imagenet", help="imagenet, random[:SEED], or a .pth/.pt/.safetensors file", metavar="SPEC")
+    network: str = option("vgg19", help="the VGG variant", choices=NETWORKS)
+    pool: str = option("max", help="pooling: max (torchvision) or avg (Gatys et al.)", choices=POOLS)
+    taps: tuple[str, ...] = option(
+        DEFAULT_TAPS, help="layers to output, in any order (returned in depth order); spaces or commas", metavar="TAP"
+    )
+    precision: str = option("fp32", help="compute dtype of the exported network", choices=PRECISIONS)
+    channels_last: bool = option(False, help="store weights channels-last and convert inputs inside the module")
+    formats: tuple[str, ...] = option(FORMATS, help="artefacts to write", metavar="FORMAT")
+    opset: int = option(MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
+    trace_size: str = option("224x224", help="HEIGHTxWIDTH of the example input used to trace", metavar="HxW")
+    check_size: str = option(
+        "96x160", help="HEIGHTxWIDTH of the fresh random input of the self-check (must differ from --trace-size)",
+        metavar="HxW",
+    )
+
+    def validate(self) -> None:
+        formats = [f for item in self.formats for f in str(item).split(",") if f]
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown:
+            raise ExportError(f"unknown format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
+        if not formats:
+            raise ExportError("no format to write")
+        self.formats = tuple(dict.fromkeys(formats))
+        if self.precision not in PRECISIONS:
+            raise ExportError(f"unknown precision {self.precision!r}; choose fp32, fp16 or bf16")
+        if self.opset < MIN_OPSET:
+            raise ExportError(f"ONNX opset {self.opset} is too old: use {MIN_OPSET} or newer")
+        if parse_size(self.trace_size) == parse_size(self.check_size):
+            raise ExportError(
+                "--check-size must differ from --trace-size: the self-check proves the artefacts "
+                "work at sizes other than the traced one"
+            )
+        self.out = Path(self.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise ExportError(f"--out {self.out} exists and is not a directory")

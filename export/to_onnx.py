@@ -1,0 +1,91 @@
+"""ONNX: one graph with dynamic height and width and one named output per tap.
+
+Written with the dynamo-based exporter (``torch.onnx.export(..., dynamo=True)``) and
+checked with ONNX Runtime's CPU provider.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import torch
+from torch.export import Dim
+
+from engine.errors import ExportError
+
+from .compare import max_errors
+
+INPUT_NAME = "image"
+
+# ONNX Runtime has no bfloat16 Conv kernel (on the CPU provider, checked with ORT 1.32),
+# and ONNX's Conv only admits bfloat16 from opset 22; a file we cannot check is not written.
+UNSUPPORTED = {"bf16": "ONNX Runtime has no bfloat16 Conv kernel, so a bf16 ONNX file could not be checked; "
+                       "export with --precision fp16 or fp32 for ONNX"}
+
+
+def write(module: torch.nn.Module, example: torch.Tensor, path: Path, taps: tuple[str, ...], min_side: int, opset: int) -> None:
+    # Batch, height and width are dynamic. Dim.DYNAMIC rather than named Dims: with
+    # channels-last weights torch.export emits stride guards that its solver cannot prove
+    # for named Dims (seen with torch 2.14), and DYNAMIC records them instead of failing.
+    # The example has N=2 because torch.export specialises sizes that are 1 in the example.
+    batch = Dim.DYNAMIC(min=1, max=1024)
+    height = Dim.DYNAMIC(min=min_side)
+    width = Dim.DYNAMIC(min=min_side)
+    # The exporter narrates its passes on stdout; keep that out of our summary.
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet):
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=list(taps),
+            dynamic_shapes={"x": {0: batch, 2: height, 3: width}},
+            external_data=False,
+            verbose=False,
+        )
+        if program is None:
+            raise ExportError("torch.onnx.export returned no program")
+        program.save(str(path), external_data=False)
+    _name_dims(path)
+
+
+def _name_dims(path: Path) -> None:
+    """Rename the exporter's symbols (s77, s53...) to batch/height/width everywhere."""
+    import onnx
+
+    model = onnx.load(str(path))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    names = {dims[i].dim_param: new for i, new in ((0, "batch"), (2, "height"), (3, "width")) if dims[i].dim_param}
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = pattern.sub(lambda m: names[m.group(1)], d.dim_param)
+    onnx.save(model, str(path))
+
+
+def check(path: Path, eager: torch.nn.Module, x: torch.Tensor) -> dict:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError(
+            "onnxruntime is not installed, so the ONNX file cannot be checked: "
+            "pip install 'nst[cpu]' (or 'nst[gpu]'), or leave onnx out of --formats"
+        ) from None
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    with torch.no_grad():
+        ref = eager(x)
+    got = session.run(None, {INPUT_NAME: x.detach().cpu().numpy()})
+    result = {"forward": max_errors(got, ref)}
+    result["output_names"] = names
+    return result

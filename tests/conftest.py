@@ -1,0 +1,80 @@
+"""Shared fixtures. Every test makes its own inputs: weights are seeded random tensors
+written to temporary files, never downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Never let a test reach for the network: `imagenet` must come from a cache the test made.
+os.environ.setdefault("NST_OFFLINE", "1")
+
+from engine import build_extractor  # noqa: E402
+from engine.weights import random_state  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def features_state() -> dict[str, torch.Tensor]:
+    """Seeded random conv weights under torchvision's `features` indices ("0.weight"...)."""
+    return random_state("vgg19", 1234)
+
+
+@pytest.fixture(scope="session")
+def full_model_state(features_state) -> dict[str, torch.Tensor]:
+    """A state dict in the layout of torchvision's whole vgg19 (features.* + classifier.*).
+
+    The classifier tensors have their real names but small shapes: they are never used,
+    and the real ones would add 500 MB to every test run.
+    """
+    state = {f"features.{k}": v for k, v in features_state.items()}
+    for i, shape in ((0, (8, 8)), (3, (8, 8)), (6, (10, 8))):
+        state[f"classifier.{i}.weight"] = torch.zeros(shape)
+        state[f"classifier.{i}.bias"] = torch.zeros(shape[0])
+    return state
+
+
+@pytest.fixture(scope="session")
+def weight_files(tmp_path_factory, features_state, full_model_state) -> dict[str, Path]:
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("weights")
+    files = {
+        "full": d / "vgg19_full.pth",
+        "features": d / "vgg19_features.pt",
+        "safetensors": d / "vgg19.safetensors",
+    }
+    torch.save(full_model_state, files["full"])
+    torch.save(features_state, files["features"])
+    save_file({k: v.contiguous() for k, v in full_model_state.items()}, str(files["safetensors"]))
+    return files
+
+
+@pytest.fixture(scope="session")
+def eager(weight_files):
+    return build_extractor(str(weight_files["features"]))
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory, weight_files) -> Path:
+    """One fp32 export shared by the tests that only read it."""
+    from export import ExportSettings, export_extractor
+
+    out = tmp_path_factory.mktemp("export")
+    export_extractor(
+        ExportSettings(out=out, weights=str(weight_files["features"]), trace_size="64x64", check_size="48x80")
+    )
+    return out
