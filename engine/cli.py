@@ -7,8 +7,10 @@ usage errors exit 2 (argparse's convention); Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 from . import config
 from .errors import NSTError
@@ -34,8 +36,128 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_style_spec(spec: str) -> tuple[str, float]:
+    """'a.jpg:0.3' -> ('a.jpg', 0.3); 'a.jpg' -> ('a.jpg', 1.0). A path may contain ':'."""
+    path, sep, tail = spec.rpartition(":")
+    if sep and path:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return spec, 1.0
+        if not (weight >= 0 and weight != float("inf")):
+            raise NSTError(f"bad style weight in {spec!r}: must be a finite number >= 0")
+        return path, weight
+    return spec, 1.0
+
+
+def _sibling(path: Path, step: int) -> Path:
+    return path.with_name(f"{path.stem}_{step:05d}{path.suffix}")
+
+
+def _cmd_stylize(args: argparse.Namespace) -> int:
+    import json
+
+    from .api import INIT_KEYWORDS, required_min_side
+    from .fsutil import atomic_write_text
+    from .imageio import check_output_path, load_image, save_image
+    from .optimize import NonFiniteLossError, run
+    from .settings import StylizeJob, StylizeSettings
+
+    job = config.from_args(StylizeJob, args)
+    job.validate()
+    # Everything that can be refused is refused before any work: output path, inputs.
+    out = check_output_path(job.output)
+    if job.stats:
+        check_stats = Path(job.stats)
+        if check_stats.is_dir() or not (check_stats.parent if str(check_stats.parent) else Path(".")).is_dir():
+            raise NSTError(f"--stats {job.stats}: not a writable file path")
+    need = required_min_side(job)
+    content = load_image(job.content, job.max_pixels, "content image", need)
+    styles = []
+    for spec in job.style:
+        path, weight = parse_style_spec(spec)
+        styles.append((load_image(path, job.max_pixels, "style image", need), weight))
+    if not sum(w for _, w in styles) > 0:
+        raise NSTError("style weights must not all be zero")
+    init = job.init
+    if init not in INIT_KEYWORDS:
+        init = load_image(init, job.max_pixels, "init image", need)
+    settings = StylizeSettings(**{f.name: getattr(job, f.name) for f in dataclasses.fields(StylizeSettings)})
+
+    def save_intermediate(step, image):
+        save_image(image, _sibling(out, step))
+
+    try:
+        result = run(content, styles, settings, init=init, progress=not args.quiet, on_image=save_intermediate,
+                     save_every=job.save_every)
+    except NonFiniteLossError as e:
+        if e.result is not None:
+            save_image(e.result.image, out)
+            raise NSTError(f"{e}; wrote it to {out}") from None
+        raise
+    save_image(result.image, out)
+    st = result.stats
+    if job.stats:
+        atomic_write_text(job.stats, json.dumps(st.to_dict(), indent=1) + "\n")
+    h, w = st.size
+    print(f"wrote {out} ({w}x{h}, {st.steps_run} steps, loss {st.loss[0]:.4g} -> {st.final_loss:.4g}, "
+          f"{st.steps_per_s:.2f} steps/s on {st.device} {st.precision} {st.path} path)")
+    if st.stopped in ("time-limit", "interrupted"):
+        why = "the time limit was reached" if st.stopped == "time-limit" else "interrupted"
+        print(f"stopped early ({why}) after {st.steps_run} of {st.steps_planned} steps; "
+              f"wrote the best image so far (after {st.image_from_step} steps)", file=sys.stderr)
+        return 130 if st.stopped == "interrupted" else 0
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+    from .imageio import save_image
+    from .optimize import run
+    from .settings import DemoSettings, StylizeSettings
+    from .imageio import pil_to_tensor
+
+    ds = config.from_args(DemoSettings, args)
+    out = Path(ds.out)
+    if out.exists() and not out.is_dir():
+        raise NSTError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    weights = demo.pick_weights(ds.weights)
+    random_weights = weights.startswith("random")
+    which = ("seeded random weights (" + weights + "): NOT a trained network, so the result shows the "
+             "machinery, not a good stylisation; put torchvision's VGG19 checkpoint in the torch hub cache "
+             "for real results") if random_weights else f"VGG19 weights: {weights}"
+    print(f"nst demo: {which}")
+    content_img, style_img = demo.make_content(), demo.make_style(seed=ds.seed)
+    save_image(content_img, out / "content.png")
+    save_image(style_img, out / "style.png")
+    settings = StylizeSettings(size=ds.size, steps=ds.steps, weights=weights, device=ds.device, seed=ds.seed)
+    if random_weights:
+        # A random network's Gram matrices are about 100x smaller than ImageNet VGG19's, so
+        # the default style weight barely moves the image; the demo says what it changed.
+        settings.style_weight, settings.tv_weight = demo.RANDOM_STYLE_WEIGHT, 0.0
+        print(f"nst demo: with random weights the demo uses --style-weight {demo.RANDOM_STYLE_WEIGHT:g} "
+              "--tv-weight 0 (the defaults are set for ImageNet weights)")
+    result = run(pil_to_tensor(content_img), [(pil_to_tensor(style_img), 1.0)], settings, progress=not args.quiet)
+    save_image(result.image, out / "result.png")
+    st = result.stats
+    from PIL import Image
+
+    caption = f"result: {st.steps_run} steps, {st.size[1]}x{st.size[0]}\n"
+    caption += ("RANDOM weights (not trained),\nstyle weight 1e8, tv 0" if random_weights else "ImageNet VGG19")
+    sheet = demo.contact_sheet([content_img, style_img, Image.open(out / "result.png")],
+                               ["content (drawn by nst)", "style (drawn by nst)", caption])
+    save_image(sheet, out / "sheet.png")
+    print(f"nst demo: wrote {out / 'result.png'} and {out / 'sheet.png'} ({st.steps_run} steps in "
+          f"{st.loop_s:.1f} s, {st.steps_per_s:.2f} steps/s on {st.device}; loss {st.loss[0]:.4g} -> "
+          f"{st.final_loss:.4g})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from export import ExportSettings
+
+    from .settings import DemoSettings, StylizeJob
 
     parser = argparse.ArgumentParser(
         prog="nst",
@@ -55,6 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(p, ExportSettings)
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "stylize",
+        help="render CONTENT in the style of one or more --style images",
+        description="Optimise the pixels of an image so that its VGG features match CONTENT and the Gram matrices "
+        "of the --style images. Defaults: 512 px, 500 Adam steps, content at relu4_2, style at relu1_1..relu5_1.",
+    )
+    config.add_arguments(p, StylizeJob)
+    p.set_defaults(func=_cmd_stylize)
+
+    p = sub.add_parser(
+        "demo",
+        help="render images the project draws itself, with no arguments and no network",
+        description="Draw a landscape and a swirling painting, stylise one with the other, and write the result "
+        "and a side-by-side sheet. Uses ImageNet weights when cached, else seeded random weights (and says so).",
+    )
+    config.add_arguments(p, DemoSettings)
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

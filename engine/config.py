@@ -7,6 +7,9 @@ Each field's ``metadata`` may hold:
 - ``positional``: True for a positional argument;
 - ``nargs``: for list/tuple fields (default ``"+"``);
 - ``parse``: a callable turning the command-line string into the field's value;
+- ``aliases``: more option strings (``-o``);
+- ``action``: ``"append"`` for a repeatable option collected into a list;
+- ``required``: True to require an option that has a default in Python;
 - ``cli``: False to keep a field out of the CLI.
 """
 
@@ -51,7 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         )
         if "choices" in meta:
             kwargs["choices"] = meta["choices"]
-        if tp is bool:
+        if meta.get("action") == "append":
+            kwargs["action"] = "append"
+            kwargs["type"] = meta.get("parse", str)
+            kwargs["default"] = None
+        elif tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
             kwargs["default"] = default
         elif origin in (list, tuple):
@@ -61,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             kwargs["type"] = meta.get("parse", tp if tp in (int, float, str) else str)
             kwargs["default"] = default
-        if has_default and default not in (None, False) and tp is not bool:
+        if has_default and not (default is None or default is False or default == "") and tp is not bool:
             shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
             kwargs["help"] += f" (default: {shown})"
         if meta.get("positional"):
@@ -74,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         flags = [flag] + list(meta.get("aliases", ()))
         if "metavar" in meta:
             kwargs["metavar"] = meta["metavar"]
-        if not has_default:
+        if not has_default or meta.get("required"):
             kwargs["required"] = True
         parser.add_argument(*flags, dest=f.name, **kwargs)
 

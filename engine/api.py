@@ -1,0 +1,63 @@
+"""The Python API: ``engine.stylize(content, style, ...)`` does what ``nst stylize`` does,
+without the command line. Inputs may be paths, PIL images or tensors (3, H, W) in [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .imageio import load_image, pil_to_tensor
+from .layers import min_side as _min_side
+from .optimize import Result, run
+from .settings import StylizeSettings
+from .targets import parse_layer_weights
+
+INIT_KEYWORDS = ("content", "noise", "style")
+
+
+def as_image(x, what: str = "image", min_side: int = 1) -> torch.Tensor:
+    """A path, PIL image or tensor -> float32 (3, H, W) in [0, 1]."""
+    if isinstance(x, (str, os.PathLike)):
+        return load_image(Path(x), what=what, min_side=min_side)
+    if isinstance(x, Image.Image):
+        return pil_to_tensor(x)
+    if isinstance(x, torch.Tensor):
+        t = x[0] if x.dim() == 4 else x
+        if t.dim() != 3 or t.shape[0] != 3:
+            raise ValueError(f"{what}: expected a tensor of shape (3, H, W), got {tuple(x.shape)}")
+        return t.float()
+    raise TypeError(f"{what}: expected a path, PIL image or tensor, got {type(x).__name__}")
+
+
+def required_min_side(settings: StylizeSettings) -> int:
+    layers = parse_layer_weights(settings.content_layers, settings.network) + parse_layer_weights(
+        settings.style_layers, settings.network
+    )
+    return _min_side(tuple(n for n, _ in layers), settings.network)
+
+
+def stylize(content, style, settings: StylizeSettings | None = None, extractor=None, progress: bool = False,
+            **overrides) -> Result:
+    """Stylise ``content`` with ``style``.
+
+    ``style`` is one image, or a list of images or ``(image, weight)`` pairs (weights are
+    relative). ``overrides`` set StylizeSettings fields (``steps=100, size=256``...).
+    Returns a :class:`engine.optimize.Result`: ``.image`` (3, H, W) and ``.stats``.
+    """
+    settings = dataclasses.replace(settings or StylizeSettings(), **overrides)
+    need = required_min_side(settings)
+    content_t = as_image(content, "content image", need)
+    items = style if isinstance(style, (list, tuple)) and not isinstance(style, torch.Tensor) else [style]
+    styles = []
+    for item in items:
+        img, w = item if isinstance(item, tuple) else (item, 1.0)
+        styles.append((as_image(img, "style image", need), float(w)))
+    init = settings.init
+    if isinstance(init, str) and init not in INIT_KEYWORDS:
+        init = as_image(init, "init image", need)
+    return run(content_t, styles, settings, extractor=extractor, init=init, progress=progress)

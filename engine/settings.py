@@ -1,0 +1,117 @@
+"""Settings of a render, in one typed dataclass; the ``nst stylize`` options are
+generated from it (engine/config.py), so every default is written here and only here.
+
+Defaults follow the best-known implementations: content at relu4_2 and style at
+relu1_1..relu5_1 (Gatys et al. 2016), the PyTorch tutorial's loss normalisation and
+weights (content 1, style 1e6; see engine/losses.py), and Adam on the pixels, which is
+what fast implementations use instead of the paper's L-BFGS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import option
+from .errors import InputError
+from .features import POOLS
+from .layers import NETWORKS
+
+OPTIMIZERS = ("adam", "lbfgs")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEFAULT_LR = {"adam": 0.02, "lbfgs": 1.0}
+
+
+@dataclass
+class StylizeSettings:
+    size: int = option(512, help="long edge of the output in px; the content's aspect ratio is kept")
+    steps: int = option(500, help="optimisation steps")
+    optimizer: str = option("adam", help="adam (fast) or lbfgs (the paper's choice)", choices=OPTIMIZERS)
+    lr: float | None = option(None, help="learning rate (default: 0.02 for adam, 1.0 for lbfgs); pixels are in [0, 1]")
+    lbfgs_history: int = option(100, help="L-BFGS history size")
+    content_weight: float = option(1.0, help="weight of the content loss (mean squared feature error)")
+    style_weight: float = option(1e6, help="weight of the style loss (mean squared Gram error, Gram / (C*H*W))")
+    tv_weight: float = option(1.0, help="weight of the total-variation loss (mean squared neighbour difference)")
+    content_layers: str = option("relu4_2", help="content layers, LAYER[:WEIGHT],...", metavar="LAYERS")
+    style_layers: str = option(
+        "relu1_1,relu2_1,relu3_1,relu4_1,relu5_1", help="style layers, LAYER[:WEIGHT],... (weights are summed)",
+        metavar="LAYERS",
+    )
+    init: str = option("content", help="start image: content, noise, style, or an image file", metavar="INIT")
+    pool: str = option("max", help="pooling in the network: max (torchvision) or avg (Gatys et al.)", choices=POOLS)
+    style_scale: float = option(1.0, help="style images' long edge relative to the output's")
+    original_colors: bool = option(False, help="keep the content's colours: transfer luminance only")
+    seed: int = option(0, help="random seed (noise init); CPU runs are deterministic for a seed")
+    device: str = option("auto", help="where to run: auto picks cuda when available", choices=DEVICES)
+    precision: str = option(
+        "auto", help="convolution precision: auto = bf16 on GPUs that support it, else fp32; fp16 uses loss "
+        "scaling; CPU runs fp32", choices=PRECISIONS,
+    )
+    weights: str = option("imagenet", help="VGG weights: imagenet, random[:SEED], or a .pth/.safetensors file",
+                          metavar="SPEC")
+    network: str = option("vgg19", help="the VGG variant", choices=NETWORKS)
+    extractor: str | None = option(None, help="run on an exported TorchScript extractor (an `nst export` directory) "
+                                   "instead of building it from --weights", metavar="DIR")
+    reference: bool = option(False, help="force the plain float32 NCHW eager reference path (no fast path)")
+    cuda_graph: bool = option(True, help="on CUDA with Adam, capture the whole step in a CUDA graph")
+    loss_scale: float = option(1024.0, help="static loss scale for fp16 (gradients are unscaled before the update)")
+    progress_every: int = option(25, help="steps between progress updates; the only host syncs in the loop")
+    time_limit: float | None = option(None, help="stop after this many seconds and keep the best image so far",
+                                      metavar="SECONDS")
+
+    def validate(self) -> None:
+        if self.size < 1:
+            raise InputError(f"--size must be positive, got {self.size}")
+        if self.steps < 1:
+            raise InputError(f"--steps must be at least 1, got {self.steps}")
+        if self.lr is not None and not self.lr > 0:
+            raise InputError(f"--lr must be positive, got {self.lr}")
+        for name in ("content_weight", "style_weight", "tv_weight"):
+            v = getattr(self, name)
+            if not (v >= 0 and v != float("inf")):
+                raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+        if not self.style_scale > 0:
+            raise InputError(f"--style-scale must be positive, got {self.style_scale}")
+        if self.lbfgs_history < 1:
+            raise InputError("--lbfgs-history must be at least 1")
+        if self.progress_every < 1:
+            raise InputError("--progress-every must be at least 1")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise InputError("--time-limit must be positive")
+        if self.loss_scale <= 0:
+            raise InputError("--loss-scale must be positive")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+
+@dataclass(kw_only=True)
+class StylizeJob(StylizeSettings):
+    """A render from files: the settings above plus the paths (``nst stylize``)."""
+
+    content: str = option(help="content image file", positional=True, metavar="CONTENT")
+    style: list[str] | None = option(
+        None, help="style image, optionally with a relative weight: --style a.jpg --style b.jpg:0.3 "
+        "(repeat for several; weights are normalised)", action="append", metavar="STYLE[:WEIGHT]", required=True,
+    )
+    output: str = option(help="output image; the extension picks the format (.png .jpg .webp .tif)",
+                         aliases=("-o",), metavar="OUT")
+    save_every: int = option(0, help="also write the image every N steps, as OUT-stem_NNNNN.ext", metavar="N")
+    stats: str | None = option(None, help="write per-step statistics and timings as JSON to this file",
+                               metavar="FILE")
+    max_pixels: int = option(16384 * 16384, help="refuse input images with more pixels than this "
+                             "(decompression bombs)")
+
+
+@dataclass
+class DemoSettings:
+    """``nst demo``: a render of images the project draws itself, with no network."""
+
+    out: str = option("nst-demo", help="directory for the demo's images", metavar="DIR")
+    size: int = option(256, help="long edge of the output in px")
+    steps: int = option(100, help="optimisation steps")
+    weights: str = option("auto", help="auto: ImageNet weights if already cached, else seeded random weights; "
+                          "or any --weights spec", metavar="SPEC")
+    device: str = option("auto", help="where to run", choices=DEVICES)
+    seed: int = option(0, help="seed for the drawn style image and random weights")

@@ -1,0 +1,83 @@
+"""Targets computed once per size: content features and blended style Grams, float32.
+
+Nothing here runs inside the optimisation loop: the loop only compares the current
+image's features with these tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+from .layers import parse_taps
+from .losses import gram
+
+
+def parse_layer_weights(spec, network: str = "vgg19") -> tuple[tuple[str, float], ...]:
+    """'relu1_1:1,relu2_1:0.75,relu3_1' -> (('relu1_1', 1.0), ('relu2_1', 0.75), ('relu3_1', 1.0)).
+
+    A layer without ``:WEIGHT`` weighs 1. Layers are returned in network depth order.
+    """
+    items = spec.split(",") if isinstance(spec, str) else [s for item in spec for s in str(item).split(",")]
+    weights: dict[str, float] = {}
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        name, _, w = item.partition(":")
+        try:
+            weight = float(w) if w else 1.0
+        except ValueError:
+            raise InputError(f"bad layer weight in {item!r}: write LAYER or LAYER:WEIGHT, e.g. relu2_1:0.75") from None
+        if not weight >= 0 or weight == float("inf"):
+            raise InputError(f"bad layer weight in {item!r}: must be a finite number >= 0")
+        weights[name.strip()] = weight
+    ordered = parse_taps(tuple(weights), network)  # validates names, sorts by depth
+    return tuple((name, weights[name]) for name in ordered)
+
+
+@dataclass
+class Targets:
+    """What the loop compares against. Tensors live on the loop's device, float32."""
+
+    content_layers: tuple[tuple[str, float], ...]
+    style_layers: tuple[tuple[str, float], ...]
+    content: list[torch.Tensor]  # per content layer: (1, C, H/s, W/s)
+    grams: list[torch.Tensor]  # per style layer: (1, C, C), the weighted blend over styles
+    style_blend: tuple[float, ...]  # normalised weight of each style image
+
+
+@torch.no_grad()
+def compute_targets(
+    extractor: torch.nn.Module,
+    content: torch.Tensor,
+    styles: list[tuple[torch.Tensor, float]],
+    content_layers: tuple[tuple[str, float], ...],
+    style_layers: tuple[tuple[str, float], ...],
+) -> Targets:
+    """Run the extractor once on the content image and once per style image.
+
+    content: (1, 3, H, W); styles: [(image (1, 3, h, w), weight)], weights >= 0, not all 0.
+    Style Grams blend as sum_k (w_k / sum w) * G_k, so weights are relative.
+    """
+    taps = list(extractor.taps)
+    missing = [n for n, _ in content_layers + style_layers if n not in taps]
+    if missing:
+        raise InputError(f"the extractor does not output layer {missing[0]} (it has {', '.join(taps)})")
+    if not styles:
+        raise InputError("at least one style image is needed")
+    total = sum(w for _, w in styles)
+    if not total > 0:
+        raise InputError("style weights must not all be zero")
+    blend = tuple(w / total for _, w in styles)
+
+    feats = extractor(content.float())
+    content_feats = [feats[taps.index(n)].float().clone() for n, _ in content_layers]
+    grams = [None] * len(style_layers)
+    for (img, _), share in zip(styles, blend):
+        feats = extractor(img.float())
+        for i, (name, _) in enumerate(style_layers):
+            g = gram(feats[taps.index(name)]) * share  # (1, C, C)
+            grams[i] = g if grams[i] is None else grams[i] + g
+    return Targets(content_layers, style_layers, content_feats, grams, blend)
