@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from typing import Any
 
@@ -32,7 +33,7 @@ def option(default: Any = dataclasses.MISSING, *, help: str, **meta: Any) -> Any
 
 def _base_type(tp: Any) -> Any:
     origin = typing.get_origin(tp)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _base_type(args[0]) if len(args) == 1 else str
     return tp

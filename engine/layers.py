@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import NSTError
+from .errors import InputError, NSTError
 
 # Convolutions per block (torchvision configs "E" for VGG19 and "D" for VGG16).
 _CONVS_PER_BLOCK = {
@@ -69,12 +69,12 @@ def parse_taps(taps: str | tuple[str, ...] | list[str], network: str = "vgg19") 
     else:
         names = [t for item in taps for t in (s.strip() for s in str(item).split(",")) if t]
     if not names:
-        raise NSTError("no taps given; name at least one layer such as relu4_2")
+        raise InputError("no taps given; name at least one layer such as relu4_2")
     table = layer_by_name(network)
     unknown = [n for n in names if n not in table]
     if unknown:
         convs = [l.name for l in table.values() if l.kind == "conv"]
-        raise NSTError(
+        raise InputError(
             f"unknown tap {unknown[0]!r} for {network}; taps are conv/relu/pool names "
             f"like {convs[0]}, relu{convs[-1][4:]}, pool4 (from {convs[0]} to pool5)"
         )

@@ -92,3 +92,13 @@ def test_wrong_shape_weights_file_through_cli(tmp_path, full_model_state):
     assert r.returncode == 1
     assert "'features.0.weight' (conv1_1 weight) has shape (32, 3, 3, 3)" in _one_error_line(r.stderr)
     assert not (tmp_path / "o" / MANIFEST_NAME).exists()
+
+
+def test_cli_types_follow_the_dataclass():
+    """Optional numbers parse as numbers (a regression: `float | None` once parsed as str)."""
+    from engine.cli import build_parser
+
+    ns = build_parser().parse_args(["stylize", "c.png", "--style", "s.png", "-o", "o.png", "--lr", "0.5",
+                                    "--time-limit", "2", "--steps", "3", "--original-colors"])
+    assert ns.lr == 0.5 and ns.time_limit == 2.0 and ns.steps == 3 and ns.original_colors is True
+    assert ns.style == ["s.png"] and ns.extractor is None
