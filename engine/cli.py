@@ -154,7 +154,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from bench.run import BenchSettings, main_from_args
+
+    return main_from_args(config.from_args(BenchSettings, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from bench.run import BenchSettings
     from export import ExportSettings
 
     from .settings import DemoSettings, StylizeJob
@@ -195,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(p, DemoSettings)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "bench",
+        help="steps/s of the engine against eager PyTorch baselines, as a waterfall (JSON, markdown, plot)",
+        description="Time the naive and fair eager PyTorch loops and the engine's techniques one by one, in one "
+        "process, on one device; write bench/results/<device>.{json,md,png}.",
+    )
+    config.add_arguments(p, BenchSettings)
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

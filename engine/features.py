@@ -61,8 +61,12 @@ class VGGFeatures(nn.Module):
                     conv.bias.copy_(weights.state[f"{layer.index}.bias"])
                 layers[layer.name] = conv
             elif layer.kind == "relu":
-                # Not in-place: a conv tap must keep its pre-activation values.
-                layers[layer.name] = nn.ReLU(inplace=False)
+                # In place (saves one activation-sized allocation per layer, which costs page
+                # faults on the CPU), except after a conv that is itself a tap: that tap
+                # must keep its pre-activation values. Autograd allows it: a conv's backward
+                # does not need its output.
+                conv_name = "conv" + layer.name[4:]
+                layers[layer.name] = nn.ReLU(inplace=conv_name not in self.taps)
             else:
                 layers[layer.name] = nn.MaxPool2d(2, 2) if pool == "max" else nn.AvgPool2d(2, 2)
         self.body = nn.Sequential(layers)

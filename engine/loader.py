@@ -52,7 +52,11 @@ class ScriptedExtractor(nn.Module):
         # x: (N, 3, H, W), RGB in [0, 1]
         if not torch.compiler.is_compiling():
             self.check_input(x)
-        outs = self.scripted(x)
+        # The plain interpreter, not the profiling executor: no fusion passes compiling
+        # kernels part-way through a run (or inside a CUDA graph capture), and the same
+        # aten kernels as the eager module, so trajectories match it.
+        with torch.jit.optimized_execution(False):
+            outs = self.scripted(x)
         return tuple(outs[i] for i in self._select)
 
 

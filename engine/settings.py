@@ -52,6 +52,10 @@ class StylizeSettings:
     network: str = option("vgg19", help="the VGG variant", choices=NETWORKS)
     extractor: str | None = option(None, help="run on an exported TorchScript extractor (an `nst export` directory) "
                                    "instead of building it from --weights", metavar="DIR")
+    memory_format: str = option(
+        "auto", help="fast path memory format (auto = channels_last, which measured faster on CUDA and "
+        "on the CPU)", choices=("auto", "contiguous", "channels_last"),
+    )
     reference: bool = option(False, help="force the plain float32 NCHW eager reference path (no fast path)")
     cuda_graph: bool = option(True, help="on CUDA with Adam, capture the whole step in a CUDA graph")
     loss_scale: float = option(1024.0, help="static loss scale for fp16 (gradients are unscaled before the update)")

@@ -1,0 +1,87 @@
+"""Eager PyTorch baselines, written the way tutorials write them, on torchvision's layers.
+
+- naive: runs the network on the content and style images again at every step (under
+  ``no_grad``, the kinder variant), then on the image being optimised;
+- eager: the fair loop, with the targets computed once before the loop.
+
+Both are float32, NCHW, with torchvision's in-place ReLUs and ``torch.optim.Adam``'s
+default implementation for the device. The losses are the engine's formulas written out
+plainly, so every loop optimises the same function.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch.nn import functional as F
+
+from engine.weights import Weights
+
+TAP_INDEX = {"relu1_1": 1, "relu2_1": 6, "relu3_1": 11, "relu4_1": 20, "relu4_2": 22, "relu5_1": 29}
+STYLE = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+CONTENT = "relu4_2"
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def torchvision_features(weights: Weights, device) -> torch.nn.Sequential:
+    net = torchvision.models.vgg19(weights=None).features[:30]
+    state = {k: v for k, v in weights.state.items() if int(k.split(".")[0]) < 30}
+    net.load_state_dict(state)
+    net.eval().requires_grad_(False)
+    return net.to(device)
+
+
+class TutorialLoop:
+    def __init__(self, net, content, style, lr, cw, sw, tvw, naive: bool):
+        self.net, self.naive = net, naive
+        dev = content.device
+        self.mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD, device=dev).view(1, 3, 1, 1)
+        self.content, self.style = content, style
+        self.cw, self.sw, self.tvw = cw, sw, tvw
+        self.x = content.clone().requires_grad_(True)
+        self.opt = torch.optim.Adam([self.x], lr=lr)
+        if not naive:
+            with torch.no_grad():
+                self.targets = self._targets()
+
+    def taps(self, img):
+        h = (img - self.mean) / self.std
+        out = {}
+        wanted = {v: k for k, v in TAP_INDEX.items()}
+        for i, layer in enumerate(self.net):
+            h = layer(h)
+            if i in wanted:
+                out[wanted[i]] = h
+        return out
+
+    @staticmethod
+    def gram(f):
+        _, c, h, w = f.shape
+        m = f.view(c, h * w)
+        return m @ m.t() / (c * h * w)
+
+    def _targets(self):
+        fc = self.taps(self.content)
+        fs = self.taps(self.style)
+        return fc[CONTENT].clone(), {n: self.gram(fs[n]) for n in STYLE}
+
+    def step(self):
+        self.opt.zero_grad()
+        if self.naive:
+            with torch.no_grad():
+                target_c, grams = self._targets()
+        else:
+            target_c, grams = self.targets
+        f = self.taps(self.x)
+        loss = self.cw * F.mse_loss(f[CONTENT], target_c)
+        loss = loss + self.sw * sum(F.mse_loss(self.gram(f[n]), grams[n]) for n in STYLE)
+        x = self.x
+        tv = (x[:, :, 1:, :] - x[:, :, :-1, :]).pow(2).mean() + (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).mean()
+        loss = loss + self.tvw * tv
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            self.x.clamp_(0, 1)
+        return loss.detach()

@@ -1,0 +1,106 @@
+"""Benchmark results as a markdown table and a plot."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger("nst")
+
+
+def _mb(b):
+    return f"{b / 2**20:,.0f} MiB" if b else "-"
+
+
+def _x(v):
+    return f"{v:.2f}x" if v else "-"
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    cfg = results["settings"]
+    peaks = results["peaks_flops"]
+    lines = [
+        f"# nst benchmark: {env['device']}",
+        "",
+        f"{env['date']}; torch {env['torch']}, torchvision {env.get('torchvision')}, onnxruntime "
+        f"{env.get('onnxruntime')}; Python {env['python']}; {env['threads']} CPU threads"
+        + (f"; CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, driver {env.get('driver')}" if "cuda" in env else ""),
+        f"Median of {cfg['repeats']} repeats of {cfg['steps']} steps after {cfg['warmup']} warm-up steps; square "
+        f"images; weights `{cfg['weights']}` (speed does not depend on the values).",
+        "Measured matmul peaks: " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()) + ".",
+        "",
+    ]
+    for size, entry in results["sizes"].items():
+        lines += [f"## {size} x {size} px", "",
+                  "| row | dtype | layout | steps/s | ms/step | TFLOP/s | % of peak | peak mem | vs naive | vs eager |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in entry["rows"]:
+            if not r.get("applicable", True):
+                lines.append(f"| {r['label']} | n/a | | | | | | | | {r.get('reason', '')} |")
+                continue
+            if r.get("oom"):
+                lines.append(f"| {r['label']} | | | out of memory | | | | | | |")
+                continue
+            pf = f"{100 * r['peak_fraction']:.0f}% {r.get('peak_key', '')}" if r.get("peak_fraction") else "-"
+            lines.append(
+                f"| {r['label']} | {r.get('dtype', '')} | {r.get('memory_format', '')} | {r['steps_per_s']:.3f} | "
+                f"{r['ms_per_step']:.1f} | {r['tflops']:.3f} | {pf} | {_mb(r.get('peak_mem_bytes'))} | "
+                f"{_x(r.get('speedup_vs_naive'))} | {_x(r.get('speedup_vs_eager'))} |"
+            )
+        capt = [r for r in entry["rows"] if r.get("capture_s")]
+        if capt:
+            lines.append("")
+            lines.append("CUDA graph capture (not in the timings): " +
+                         ", ".join(f"{r['label']} {r['capture_s'] * 1e3:.0f} ms" for r in capt))
+        o = entry.get("onnx_targets")
+        if o and "error" not in o:
+            lines += ["", f"Targets (one forward at content size + one at style size): eager PyTorch on "
+                      f"{o['eager_device']} {o['eager_ms']:.1f} ms, ONNX Runtime ({o['onnxruntime_provider']}) "
+                      f"{o['onnxruntime_ms']:.1f} ms ({o['onnxruntime_vs_eager']:.2f}x eager)."]
+        elif o:
+            lines += ["", f"ONNX Runtime timing failed: {o['error']}"]
+        lines.append("")
+    t = results.get("targets") or {}
+    if t:
+        lines += ["## Targets", "", "| target | wanted | got | met |", "| --- | ---: | ---: | --- |"]
+        for k, v in t.items():
+            got = "-" if v["got"] is None else f"{v['got']:.2f}"
+            margin = "" if v["margin"] is None else f" ({100 * v['margin']:+.0f}%)"
+            lines.append(f"| {k} | {v['target']:.2f} | {got} | {'yes' if v['met'] else 'no'}{margin} |")
+        lines.append("")
+    lines += ["FLOPs per step are counted from the layer shapes: 2 x the forward conv FLOPs (forward + input-"
+              "gradient backward) + Gram forward/backward; the naive row also counts its two extra forward passes. "
+              "Speed-ups compare steps/s."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot (pip install 'nst[bench]')")
+        return None
+    series: dict[str, list[tuple[int, float]]] = {}
+    for size, entry in results["sizes"].items():
+        for r in entry["rows"]:
+            if r.get("steps_per_s"):
+                series.setdefault(r["label"], []).append((int(size), r["steps_per_s"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for label, pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("image size (px, square)")
+    ax.set_ylabel("steps / s")
+    ax.set_title(f"nst: steps/s on {results['environment']['device']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

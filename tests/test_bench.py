@@ -1,0 +1,62 @@
+"""The benchmark script works end to end (--quick); speed itself is not tested."""
+
+import json
+import math
+
+import pytest
+
+from bench.flops import conv_forward_flops, step_flops
+from engine.cli import main
+
+
+def _numbers(obj, path=""):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+@pytest.mark.slow
+def test_quick_benchmark_end_to_end(tmp_path, capsys):
+    code = main(["-q", "bench", "--quick", "--device", "cpu", "--out", str(tmp_path), "--name", "quick"])
+    assert code == 0
+    data = json.loads((tmp_path / "quick.json").read_text())
+    assert (tmp_path / "quick.md").read_text().startswith("# nst benchmark")
+    assert (tmp_path / "quick.png").stat().st_size > 1000
+    env = data["environment"]
+    for key in ("device", "torch", "threads", "date", "onnxruntime"):
+        assert env[key], key
+    assert data["peaks_flops"]["fp32"] > 0
+    rows = data["sizes"]["64"]["rows"]
+    keys = [r["key"] for r in rows]
+    assert keys == ["naive", "eager", "targets", "channels_last", "bf16", "fp16", "graph", "torchscript", "engine"]
+    for r in rows:
+        if r["key"] in ("bf16", "fp16", "graph"):
+            assert r["applicable"] is False and r["reason"] == "needs CUDA"  # listed, not dropped
+            continue
+        for field in ("steps_per_s", "ms_per_step", "tflops", "peak_fraction", "peak_mem_bytes", "flops_per_step",
+                      "speedup_vs_naive", "speedup_vs_eager"):
+            assert isinstance(r[field], (int, float)) and math.isfinite(r[field]) and r[field] > 0, (r["key"], field)
+        assert len(r["repeats_ms_per_step"]) == 2
+    onnx = data["sizes"]["64"]["onnx_targets"]
+    assert onnx["eager_ms"] > 0 and onnx["onnxruntime_ms"] > 0
+    # Every number in the file is finite, and every timing/rate positive.
+    for path, v in _numbers(data):
+        assert math.isfinite(v), path
+    assert "| naive eager" in capsys.readouterr().out
+
+
+def test_flop_formula():
+    # conv1_1 alone on 32x32: 2 * 3 * 64 * 9 * 32 * 32
+    assert conv_forward_flops(32, 32, "relu1_1") == 2 * 3 * 64 * 9 * 32 * 32
+    # The published figure for VGG19 at 224x224 is 19.5 GMACs, nearly all in its 16 convs.
+    assert 38.9e9 < conv_forward_flops(224, 224, "relu5_4") < 39.1e9
+    # Through conv5_1 (13 convs): the last three 14x14 convs (3 x 0.925 GFLOPs) fewer.
+    assert 36.2e9 < conv_forward_flops(224, 224) < 36.3e9
+    assert step_flops(64, 64, extra_forwards=2) - step_flops(64, 64) == 2 * conv_forward_flops(64, 64)
