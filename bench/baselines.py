@@ -12,7 +12,6 @@ plainly, so every loop optimises the same function.
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch.nn import functional as F
 
 from engine.weights import Weights
@@ -25,7 +24,10 @@ STD = (0.229, 0.224, 0.225)
 
 
 def torchvision_features(weights: Weights, device) -> torch.nn.Sequential:
-    net = torchvision.models.vgg19(weights=None).features[:30]
+    # torchvision's own layer builder for VGG19 (config "E"), without the 500 MB classifier.
+    from torchvision.models.vgg import cfgs, make_layers
+
+    net = make_layers(cfgs["E"], batch_norm=False)[:30]
     state = {k: v for k, v in weights.state.items() if int(k.split(".")[0]) < 30}
     net.load_state_dict(state)
     net.eval().requires_grad_(False)

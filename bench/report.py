@@ -28,7 +28,8 @@ def markdown(results: dict) -> str:
         + (f"; CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, driver {env.get('driver')}" if "cuda" in env else ""),
         f"Median of {cfg['repeats']} repeats of {cfg['steps']} steps after {cfg['warmup']} warm-up steps; square "
         f"images; weights `{cfg['weights']}` (speed does not depend on the values).",
-        "Measured matmul peaks: " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()) + ".",
+        "Measured matmul peaks (best of 7, measured at the start and at the end, the larger kept): "
+        + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()) + ".",
         "",
     ]
     for size, entry in results["sizes"].items():
@@ -69,6 +70,40 @@ def markdown(results: dict) -> str:
             margin = "" if v["margin"] is None else f" ({100 * v['margin']:+.0f}%)"
             lines.append(f"| {k} | {v['target']:.2f} | {got} | {'yes' if v['met'] else 'no'}{margin} |")
         lines.append("")
+        missed = [k for k, v in t.items() if not v["met"]]
+        prof = results.get("profile")
+        if missed and prof and "error" not in prof:
+            peak = max(results["peaks_flops"].values())
+            g = prof["groups"]
+
+            def eff(name):
+                fl = g[name].get("flops_per_s")
+                return f"{100 * fl / peak:.0f}% of peak" if fl else "n/a"
+
+            lines += [f"Missed: {', '.join(missed)}. What is in the way, from the profile at {prof['size']} px: "
+                      f"convolutions take {100 * (g['convolution forward']['share'] + g['convolution backward']['share']):.0f}% "
+                      f"of the time and run at {eff('convolution forward')} (forward) and "
+                      f"{eff('convolution backward')} (input gradient); the Gram matmuls take "
+                      f"{100 * g['Gram matmuls']['share']:.0f}% at {eff('Gram matmuls')} (a C x C output from a long "
+                      f"M = H*W reduction parallelises poorly); everything else (ReLU, pooling, their backward, "
+                      f"losses, Adam: memory-bound) takes {100 * g['other']['share']:.0f}%.", ""]
+    prof = results.get("profile")
+    if prof and "error" not in prof:
+        peak = max(results["peaks_flops"].values())
+        lines += [f"## Where the time goes: engine defaults at {prof['size']} px ({prof['clock']}, "
+                  f"{prof['steps_profiled']} steps)", "",
+                  "| group | ms/step | share | achieved TFLOP/s | of best matmul peak |", "| --- | ---: | ---: | ---: | ---: |"]
+        for g, v in prof["groups"].items():
+            fl = v.get("flops_per_s")
+            lines.append(f"| {g} | {v['s_per_step'] * 1e3:.1f} | {100 * v['share']:.0f}% | "
+                         f"{'-' if not fl else f'{fl / 1e12:.3f}'} | {'-' if not fl else f'{100 * fl / peak:.0f}%'} |")
+        lines += ["", "Top operators: " + "; ".join(f"{o['name']} {100 * o['share']:.0f}%" for o in prof["top_ops"][:8]),
+                  ""]
+    elif prof:
+        lines += [f"Profile failed: {prof['error']}", ""]
+    notes = results.get("notes")
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["FLOPs per step are counted from the layer shapes: 2 x the forward conv FLOPs (forward + input-"
               "gradient backward) + Gram forward/backward; the naive row also counts its two extra forward passes. "
               "Speed-ups compare steps/s."]

@@ -49,7 +49,7 @@ class BenchSettings:
     sizes: tuple[int, ...] = option((), help="square sizes in px (default: 128 256 on CPU; 256 512 1024 2048 4096 on GPU)",
                                     parse=int, metavar="PX")
     steps: int = option(0, help="steps per timed repeat (default: 4 on CPU, 20 on GPU)")
-    repeats: int = option(3, help="timed repeats; the median is reported")
+    repeats: int = option(5, help="timed repeats; the median is reported")
     warmup: int = option(0, help=f"untimed steps first (default: 2 on CPU, {GRAPH_WARMUP_STEPS + 3} on GPU, "
                          "which covers the CUDA graph capture)")
     device: str = option("auto", help="auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
@@ -57,7 +57,11 @@ class BenchSettings:
                           "default needs no download", metavar="SPEC")
     out: str = option("bench/results", help="directory for the JSON, markdown and plot", metavar="DIR")
     name: str | None = option(None, help="file stem for the results (default: from the device name)")
+    interleave: bool | None = option(None, help="time the rows round-robin (default: on the CPU, where a shared "
+                                     "machine's slow moments should hit every row alike; not on GPUs)")
     onnx: bool = option(True, help="also time target computation with ONNX Runtime against eager PyTorch")
+    profile: bool = option(True, help="profile the engine's default step at the largest size and record where "
+                           "the time goes (kernel groups, their share and achieved FLOP/s)")
     quick: bool = option(False, help="tiny size and few steps: proves the script works end to end, measures nothing")
 
 
@@ -100,6 +104,17 @@ class RSSPeak:
         self.peak = max(self.peak, self.rss())
 
 
+def _trim() -> None:
+    """glibc's malloc_trim(0): give freed memory back to the OS (no-op elsewhere)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def time_steps(step, device, warmup: int, steps: int, repeats: int) -> dict:
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -126,12 +141,16 @@ def time_steps(step, device, warmup: int, steps: int, repeats: int) -> dict:
 
 
 def matmul_peak(device, dtype, n: int) -> float:
-    """Measured FLOP/s of an n x n matmul in ``dtype`` (median of 5 after 2 warm-ups)."""
+    """Measured FLOP/s of an n x n matmul in ``dtype``: the best of 7 repeats after warm-up.
+
+    The best, not the median: a peak is what the hardware can do, and on a shared machine
+    a busy moment only ever makes it look slower (which would flatter every fraction).
+    """
     gen = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(device, dtype)
     b = torch.randn(n, n, generator=gen).to(device, dtype)
-    r = time_steps(lambda: a @ b, device, 2, 3 if device.type == "cpu" else 20, 5)
-    return 2 * n**3 / r["s_per_step"]
+    r = time_steps(lambda: a @ b, device, 2, 3 if device.type == "cpu" else 20, 7)
+    return 2 * n**3 / min(r["repeats_s_per_step"])
 
 
 # -- rows ----------------------------------------------------------------------------
@@ -184,59 +203,107 @@ def _row_dtype(row: Row, device) -> tuple[str, str]:
     return p.precision, "channels_last" if p.channels_last else "contiguous"
 
 
-def run_row(row: Row, size: int, device, eager_net: VGGFeatures, weights, ts_dir, cfg) -> dict:
+def build_row(row: Row, size: int, device, eager_net: VGGFeatures, weights, ts_dir, cfg) -> tuple[dict, object]:
+    """Set a row up and warm it up; return its record and its step function (None if n/a)."""
     content, style = _images(size)
     base = StylizeSettings()
     out = {"key": row.key, "label": row.label, "technique": row.technique, "kind": row.kind, "applicable": True}
     if row.needs_cuda and device.type != "cuda":
         out.update(applicable=False, reason="needs CUDA")
-        return out
+        return out, None
     if row.torchscript and ts_dir is None:
         out.update(applicable=False, reason="TorchScript export failed or was skipped")
-        return out
+        return out, None
     precision, memory_format = _row_dtype(row, device)
     out.update(dtype=precision, memory_format=memory_format)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    extra_forwards = 0
-    capture_s = 0.0
+    _trim()  # return freed heap to the OS, so the RSS increase below is this row's own
+    rss_before = RSSPeak.rss()
     with RSSPeak() as rss:
         t_setup = time.perf_counter()
+        runner = None
         if row.kind == "baseline":
             net = torchvision_features(weights, device)
-            c = content[None].to(device)
-            s = style[None].to(device)
-            loop = TutorialLoop(net, c, s, base.learning_rate, base.content_weight, base.style_weight,
-                                base.tv_weight, naive=(row.key == "naive"))
+            loop = TutorialLoop(net, content[None].to(device), style[None].to(device), base.learning_rate,
+                                base.content_weight, base.style_weight, base.tv_weight, naive=(row.key == "naive"))
             step = loop.step
-            extra_forwards = 2 if row.key == "naive" else 0
         else:
             settings = StylizeSettings(size=size, device=device.type, weights=cfg.weights, **(row.settings or {}))
             if row.torchscript:
                 settings.extractor = str(ts_dir)
             p = prepare(content, [(style, 1.0)], settings, extractor=None if row.torchscript else eager_net)
-            step = p.runner.step
             runner = p.runner
+            step = runner.step
         _sync(device)
-        setup_s = time.perf_counter() - t_setup
-        timing = time_steps(step, device, cfg.warmup, cfg.steps, cfg.repeats)
-        if row.kind == "engine":
-            capture_s = getattr(runner, "capture_s", 0.0)
-    f = flops_mod.step_flops(size, size, extra_forwards=extra_forwards)
-    sps = 1.0 / timing["s_per_step"]
-    out.update(
-        steps_per_s=sps, ms_per_step=timing["s_per_step"] * 1e3, repeats_ms_per_step=[t * 1e3 for t in timing["repeats_s_per_step"]],
-        setup_s=setup_s, warmup_s=timing["warmup_s"], capture_s=capture_s, flops_per_step=f, tflops=f * sps / 1e12,
-    )
+        out["setup_s"] = time.perf_counter() - t_setup
+        t0 = time.perf_counter()
+        for _ in range(cfg.warmup):
+            step()
+        _sync(device)
+        out["warmup_s"] = time.perf_counter() - t0
+        out["capture_s"] = getattr(runner, "capture_s", 0.0) if runner is not None else 0.0
     if device.type == "cuda":
         out["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
-        out["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
+        out["peak_mem_kind"] = "torch.cuda.max_memory_allocated (setup, warm-up and timed steps)"
     else:
-        out["peak_mem_bytes"] = rss.peak
-        out["peak_mem_kind"] = "process RSS (sampled)"
-    return out
+        out["peak_mem_bytes"] = max(rss.peak - rss_before, 1)
+        out["peak_mem_kind"] = "increase of process RSS over setup and warm-up (sampled)"
+    out["flops_per_step"] = flops_mod.step_flops(size, size, extra_forwards=2 if row.key == "naive" else 0)
+    return out, step
+
+
+def time_rows(built: list[tuple[dict, object]], device, cfg) -> None:
+    """Time every applicable row; fill in steps/s and the derived numbers.
+
+    On the CPU the repeats go round-robin over the rows (row 1, row 2, ..., row 1, ...),
+    so that a slow moment of a shared machine hits every row alike; on a GPU, where rows
+    cannot all stay in memory at large sizes, each row is timed in turn.
+    """
+    live = [(rec, step) for rec, step in built if step is not None]
+    per_step: dict[int, list[float]] = {id(rec): [] for rec, _ in live}
+    if cfg.interleave:
+        for _ in range(cfg.repeats):
+            for rec, step in live:
+                per_step[id(rec)] += time_steps(step, device, 0, cfg.steps, 1)["repeats_s_per_step"]
+    else:
+        for rec, step in live:
+            per_step[id(rec)] = time_steps(step, device, 0, cfg.steps, cfg.repeats)["repeats_s_per_step"]
+    for rec, _ in live:
+        ts = per_step[id(rec)]
+        med = statistics.median(ts)
+        rec.update(steps_per_s=1.0 / med, ms_per_step=med * 1e3, repeats_ms_per_step=[t * 1e3 for t in ts],
+                   tflops=rec["flops_per_step"] / med / 1e12)
+        if device.type == "cuda":
+            rec["peak_mem_bytes"] = max(rec["peak_mem_bytes"], torch.cuda.max_memory_allocated(device))
+
+
+def run_size(size: int, device, eager_net, weights, ts_dir, cfg) -> list[dict]:
+    rows, built = [], []
+    for row in ROWS:
+        log.info("size %d: %s", size, row.label)
+        try:
+            rec, step = build_row(row, size, device, eager_net, weights, ts_dir, cfg)
+            built.append((rec, step))
+            if not cfg.interleave and step is not None:
+                time_rows([(rec, step)], device, cfg)
+                built[-1] = (rec, None)  # timed: let it go before the next row
+                del step
+        except torch.cuda.OutOfMemoryError:
+            rec = {"key": row.key, "label": row.label, "technique": row.technique, "kind": row.kind,
+                   "applicable": True, "oom": True, "reason": "out of GPU memory"}
+            built.append((rec, None))
+            gc.collect()
+            torch.cuda.empty_cache()
+        rows.append(built[-1][0])
+    if cfg.interleave:
+        log.info("size %d: timing %d rows round-robin", size, sum(1 for _, s in built if s is not None))
+        time_rows(built, device, cfg)
+    built.clear()
+    gc.collect()
+    return rows
 
 
 def _onnx_targets(size: int, device, eager_net, onnx_path, cfg) -> dict:
@@ -266,6 +333,67 @@ def _onnx_targets(size: int, device, eager_net, onnx_path, cfg) -> dict:
     return {"size": size, "eager_ms": e["s_per_step"] * 1e3, "eager_device": device.type,
             "onnxruntime_ms": o["s_per_step"] * 1e3, "onnxruntime_provider": "CPUExecutionProvider",
             "onnxruntime_vs_eager": e["s_per_step"] / o["s_per_step"]}
+
+
+_GROUPS = (
+    ("convolution forward", ("convolution", "conv2d", "mkldnn_conv", "cudnn_conv", "conv_")),
+    ("Gram matmuls", ("aten::mm", "aten::bmm", "gemm", "sgemm", "cutlass", "xmma", "ampere_", "sm90_")),
+)
+
+
+def profile_engine(size: int, device, eager_net, cfg) -> dict:
+    """Where one engine step spends its time, by kernel group, with achieved FLOP/s.
+
+    Groups: convolution backward (input gradient), convolution forward, Gram matmuls, and
+    everything else (ReLU, pooling and their backward, normalisation, losses, Adam).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    content, style = _images(size)
+    settings = StylizeSettings(size=size, device=device.type, weights=cfg.weights)
+    p = prepare(content, [(style, 1.0)], settings, extractor=eager_net)
+    step = p.runner.step
+    for _ in range(cfg.warmup):
+        step()
+    _sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    n = max(2, min(cfg.steps, 5))
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        _sync(device)
+    use_cuda = device.type == "cuda"
+    groups = {"convolution backward": 0.0, "convolution forward": 0.0, "Gram matmuls": 0.0, "other": 0.0}
+    ops = []
+    for ev in prof.key_averages():
+        t = (getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)) if use_cuda \
+            else ev.self_cpu_time_total
+        if t <= 0:
+            continue
+        name = ev.key
+        low = name.lower()
+        if "backward" in low and ("conv" in low or "wgrad" in low or "dgrad" in low):
+            g = "convolution backward"
+        elif any(k in low for k in _GROUPS[0][1]):
+            g = "convolution forward"
+        elif any(k in low for k in _GROUPS[1][1]):
+            g = "Gram matmuls"
+        else:
+            g = "other"
+        groups[g] += t
+        ops.append((t, name, g))
+    total = sum(groups.values()) or 1.0
+    conv_f = flops_mod.conv_forward_flops(size, size)
+    gram_f = flops_mod.gram_flops(size, size, flops_mod.STYLE_LAYERS)
+    per_step = {k: v / 1e6 / n for k, v in groups.items()}  # seconds per step
+    out = {"size": size, "steps_profiled": n, "clock": "CUDA kernel time" if use_cuda else "CPU self time",
+           "groups": {k: {"s_per_step": v, "share": groups[k] / total} for k, v in per_step.items()},
+           "top_ops": [{"name": name[:80], "s_per_step": t / 1e6 / n, "share": t / total, "group": g}
+                       for t, name, g in sorted(ops, reverse=True)[:12]]}
+    for g, f in (("convolution forward", conv_f), ("convolution backward", conv_f), ("Gram matmuls", gram_f)):
+        if per_step[g] > 0:
+            out["groups"][g]["flops_per_s"] = f / per_step[g]
+    return out
 
 
 def environment(device) -> dict:
@@ -337,6 +465,8 @@ def run(cfg: BenchSettings) -> dict:
         steps=cfg.steps or (20 if gpu else 4),
         warmup=cfg.warmup or (GRAPH_WARMUP_STEPS + 3 if gpu else 2),
     )
+    if cfg.interleave is None:
+        cfg = dataclasses.replace(cfg, interleave=not gpu)
     if cfg.repeats < 1 or cfg.steps < 1:
         raise NSTError("--repeats and --steps must be at least 1")
     env = environment(device)
@@ -377,17 +507,7 @@ def run(cfg: BenchSettings) -> dict:
                "flops_formula": flops_mod.__doc__.strip(), "sizes": {}}
     try:
         for size in cfg.sizes:
-            rows = []
-            for row in ROWS:
-                log.info("size %d: %s", size, row.label)
-                try:
-                    r = run_row(row, size, device, eager_net, weights, ts_dir, cfg)
-                except torch.cuda.OutOfMemoryError:
-                    r = {"key": row.key, "label": row.label, "technique": row.technique, "kind": row.kind,
-                         "applicable": True, "oom": True, "reason": "out of GPU memory"}
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                rows.append(r)
+            rows = run_size(size, device, eager_net, weights, ts_dir, cfg)
             _derive(rows, peaks, device)
             entry = {"rows": rows}
             if onnx_path is not None:
@@ -398,6 +518,27 @@ def run(cfg: BenchSettings) -> dict:
             results["sizes"][str(size)] = entry
     finally:
         tmp.cleanup()
+    if cfg.profile:
+        size = 256 if (not gpu and 256 in cfg.sizes) else max(cfg.sizes) if not gpu else (
+            1024 if 1024 in cfg.sizes else max(cfg.sizes))
+        log.info("profiling the engine step at %d px", size)
+        try:
+            results["profile"] = profile_engine(size, device, eager_net, cfg)
+        except Exception as e:  # the profile is a diagnosis, never a reason to lose the results
+            results["profile"] = {"error": f"{type(e).__name__}: {e}"}
+    # The peak again, at the end: the larger of the two is used for every fraction.
+    for key, before in list(peaks.items()):
+        dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[key]
+        if key == "tf32":
+            old = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+        after = matmul_peak(device, dtype, n)
+        if key == "tf32":
+            torch.backends.cuda.matmul.allow_tf32 = old
+        results.setdefault("peak_measurements", {})[key] = [before, after]
+        peaks[key] = max(before, after)
+    for entry in results["sizes"].values():
+        _derive(entry["rows"], peaks, device)
     results["targets"] = _targets(results, device)
     return results
 

@@ -84,3 +84,20 @@ def test_losses_keep_their_meaning_across_resolution():
     f = torch.rand(1, 8, 16, 16)
     up = torch.nn.functional.interpolate(f, scale_factor=2, mode="nearest")
     torch.testing.assert_close(gram(f), gram(up))
+
+
+def test_gram_backward_matches_plain_autograd():
+    """The one-matmul Gram backward equals autograd through F F^T, in both layouts."""
+    for channels_last in (False, True):
+        f = torch.randn(1, 12, 7, 9)
+        if channels_last:
+            f = f.contiguous(memory_format=torch.channels_last)
+        probe = torch.randn(12, 12)
+        a = f.clone().requires_grad_(True)
+        (gram(a)[0] * probe).sum().backward()
+        b = f.clone().requires_grad_(True)
+        m = b.reshape(12, 63)
+        ((m @ m.t() / (12 * 63)) * probe).sum().backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    x = torch.rand(1, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: gram(t.float()).double(), (x,), eps=1e-3, atol=1e-3)
