@@ -54,24 +54,11 @@ def _sibling(path: Path, step: int) -> Path:
     return path.with_name(f"{path.stem}_{step:05d}{path.suffix}")
 
 
-def _cmd_stylize(args: argparse.Namespace) -> int:
-    import json
+def _load_inputs(job, need: int):
+    """Content, styles and init of a job, loaded and checked before any work."""
+    from .api import INIT_KEYWORDS
+    from .imageio import load_image
 
-    from .api import INIT_KEYWORDS, required_min_side
-    from .fsutil import atomic_write_text
-    from .imageio import check_output_path, load_image, save_image
-    from .optimize import NonFiniteLossError, run
-    from .settings import StylizeJob, StylizeSettings
-
-    job = config.from_args(StylizeJob, args)
-    job.validate()
-    # Everything that can be refused is refused before any work: output path, inputs.
-    out = check_output_path(job.output)
-    if job.stats:
-        check_stats = Path(job.stats)
-        if check_stats.is_dir() or not (check_stats.parent if str(check_stats.parent) else Path(".")).is_dir():
-            raise NSTError(f"--stats {job.stats}: not a writable file path")
-    need = required_min_side(job)
     content = load_image(job.content, job.max_pixels, "content image", need)
     styles = []
     for spec in job.style:
@@ -82,7 +69,34 @@ def _cmd_stylize(args: argparse.Namespace) -> int:
     init = job.init
     if init not in INIT_KEYWORDS:
         init = load_image(init, job.max_pixels, "init image", need)
-    settings = StylizeSettings(**{f.name: getattr(job, f.name) for f in dataclasses.fields(StylizeSettings)})
+    return content, styles, init
+
+
+def _settings_of(job):
+    from .settings import StylizeSettings
+
+    return StylizeSettings(**{f.name: getattr(job, f.name) for f in dataclasses.fields(StylizeSettings)})
+
+
+def _cmd_stylize(args: argparse.Namespace) -> int:
+    import json
+
+    from .api import required_min_side
+    from .fsutil import atomic_write_text
+    from .imageio import check_output_path, save_image
+    from .optimize import NonFiniteLossError, run
+    from .settings import StylizeJob
+
+    job = config.from_args(StylizeJob, args)
+    job.validate()
+    # Everything that can be refused is refused before any work: output path, inputs.
+    out = check_output_path(job.output)
+    if job.stats:
+        check_stats = Path(job.stats)
+        if check_stats.is_dir() or not (check_stats.parent if str(check_stats.parent) else Path(".")).is_dir():
+            raise NSTError(f"--stats {job.stats}: not a writable file path")
+    content, styles, init = _load_inputs(job, required_min_side(job))
+    settings = _settings_of(job)
 
     def save_intermediate(step, image):
         save_image(image, _sibling(out, step))
@@ -154,6 +168,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_targets(args: argparse.Namespace) -> int:
+    from .api import required_min_side
+    from .optimize import prepare
+    from .settings import TargetsJob
+    from .targets_file import write_targets
+
+    job = config.from_args(TargetsJob, args)
+    job.validate()
+    if not job.extractor:
+        raise NSTError("--extractor DIR is required: targets are computed with that export's TorchScript file, "
+                       "which the host will run")
+    out = Path(job.output)
+    if out.is_dir() or not (out.parent if str(out.parent) else Path(".")).is_dir():
+        raise NSTError(f"-o {job.output}: not a writable file path")
+    content, styles, init = _load_inputs(job, required_min_side(job))
+    settings = _settings_of(job)
+    # The host runs the reference path: float32, NCHW, on the CPU.
+    settings.reference, settings.device, settings.precision, settings.memory_format = True, "cpu", "fp32", "auto"
+    p = prepare(content, styles, settings, init=init)
+    info = write_targets(p, job.extractor, out)
+    h, w = info["size"]
+    print(f"wrote {out} ({w}x{h}; content {', '.join(n for n, _ in info['content_layers'])}; style "
+          f"{', '.join(n for n, _ in info['style_layers'])}; for {job.extractor})")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from bench.run import BenchSettings, main_from_args
 
@@ -164,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.run import BenchSettings
     from export import ExportSettings
 
-    from .settings import DemoSettings, StylizeJob
+    from .settings import TARGETS_EXCLUDE, DemoSettings, StylizeJob, TargetsJob
 
     parser = argparse.ArgumentParser(
         prog="nst",
@@ -193,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(p, StylizeJob)
     p.set_defaults(func=_cmd_stylize)
+
+    p = sub.add_parser(
+        "targets",
+        help="write content features, style Grams and the start image for a host without Python (C++)",
+        description="Compute the targets of a render with an export directory's TorchScript extractor and write them "
+        "as a TorchScript module of tensors plus a JSON description, for examples/cpp/nst_host.",
+    )
+    config.add_arguments(p, TargetsJob, exclude=TARGETS_EXCLUDE)
+    p.set_defaults(func=_cmd_targets)
 
     p = sub.add_parser(
         "demo",

@@ -39,12 +39,12 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one option per field of the dataclass ``cls``."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type, exclude: frozenset[str] = frozenset()) -> None:
+    """Add one option per field of the dataclass ``cls`` (except the ``exclude`` ones)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
-        if meta.get("cli", True) is False:
+        if meta.get("cli", True) is False or f.name in exclude:
             continue
         tp = _base_type(hints[f.name])
         origin = typing.get_origin(tp)

@@ -108,6 +108,27 @@ class StylizeJob(StylizeSettings):
                              "(decompression bombs)")
 
 
+@dataclass(kw_only=True)
+class TargetsJob(StylizeSettings):
+    """``nst targets``: content features, style Grams and start image for a C++ host."""
+
+    content: str = option(help="content image file", positional=True, metavar="CONTENT")
+    style: list[str] | None = option(
+        None, help="style image, optionally with a relative weight (repeat for several)", action="append",
+        metavar="STYLE[:WEIGHT]", required=True,
+    )
+    output: str = option(help="targets file to write (a TorchScript module of tensors, e.g. targets.pt)",
+                         aliases=("-o",), metavar="OUT")
+    max_pixels: int = option(16384 * 16384, help="refuse input images with more pixels than this")
+
+
+# Settings that belong to the loop, not to the targets: `nst targets` does not offer them.
+TARGETS_EXCLUDE = frozenset({
+    "steps", "optimizer", "lbfgs_history", "device", "precision", "memory_format", "reference", "cuda_graph",
+    "loss_scale", "progress_every", "time_limit", "original_colors", "weights", "network",
+})
+
+
 @dataclass
 class DemoSettings:
     """``nst demo``: a render of images the project draws itself, with no network."""
