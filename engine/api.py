@@ -13,7 +13,8 @@ from PIL import Image
 
 from .imageio import load_image, pil_to_tensor
 from .layers import min_side as _min_side
-from .optimize import Result, run
+from .multiscale import render
+from .optimize import Result
 from .settings import StylizeSettings
 from .targets import parse_layer_weights
 
@@ -60,4 +61,4 @@ def stylize(content, style, settings: StylizeSettings | None = None, extractor=N
     init = settings.init
     if isinstance(init, str) and init not in INIT_KEYWORDS:
         init = as_image(init, "init image", need)
-    return run(content_t, styles, settings, extractor=extractor, init=init, progress=progress)
+    return render(content_t, styles, settings, extractor=extractor, init=init, progress=progress)

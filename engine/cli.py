@@ -50,6 +50,21 @@ def parse_style_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+def _process_age() -> float:
+    """Seconds since this process started (Linux), so a time budget includes Python's
+    start-up and the imports; 0 where that cannot be read."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _sibling(path: Path, step: int) -> Path:
     return path.with_name(f"{path.stem}_{step:05d}{path.suffix}")
 
@@ -84,9 +99,13 @@ def _cmd_stylize(args: argparse.Namespace) -> int:
     from .api import required_min_side
     from .fsutil import atomic_write_text
     from .imageio import check_output_path, save_image
-    from .optimize import NonFiniteLossError, run
+    from .multiscale import budget_margin, render
+    from .optimize import NonFiniteLossError
     from .settings import StylizeJob
 
+    import time as _time
+
+    t_start = _CLOCK_START or _time.perf_counter()  # a --time-budget counts from here
     job = config.from_args(StylizeJob, args)
     job.validate()
     # Everything that can be refused is refused before any work: output path, inputs.
@@ -101,9 +120,19 @@ def _cmd_stylize(args: argparse.Namespace) -> int:
     def save_intermediate(step, image):
         save_image(image, _sibling(out, step))
 
+    def show_plan(plans):
+        if settings.time_budget is None:
+            print("scales: " + ", ".join(f"{p.hw[1]}x{p.hw[0]} ({p.steps} steps)" for p in plans))
+            return
+        print(f"plan for a {settings.time_budget:g} s budget (calibrated; {budget_margin(settings.time_budget):.1f} s "
+              "kept for writing and noise):")
+        for i, p in enumerate(plans, 1):
+            print(f"  scale {i}: {p.hw[1]}x{p.hw[0]}  {p.step_s * 1e3:8.1f} ms/step  {p.steps:5d} steps  "
+                  f"{p.planned_s:6.1f} s planned")
+
     try:
-        result = run(content, styles, settings, init=init, progress=not args.quiet, on_image=save_intermediate,
-                     save_every=job.save_every)
+        result = render(content, styles, settings, init=init, progress=not args.quiet, on_image=save_intermediate,
+                        save_every=job.save_every, t_start=t_start, on_plan=show_plan)
     except NonFiniteLossError as e:
         if e.result is not None:
             save_image(e.result.image, out)
@@ -111,6 +140,12 @@ def _cmd_stylize(args: argparse.Namespace) -> int:
         raise
     save_image(result.image, out)
     st = result.stats
+    if st.scales and settings.time_budget is not None:
+        total = _time.perf_counter() - t_start
+        print(f"planned against actual ({total:.1f} s of a {settings.time_budget:g} s budget, image written):")
+        for i, sc in enumerate(st.scales, 1):
+            print(f"  scale {i}: {sc['hw'][1]}x{sc['hw'][0]}  planned {sc['steps_planned']} steps / "
+                  f"{sc['planned_s']:.1f} s, ran {sc['steps_run']} steps / {sc['actual_s']:.1f} s")
     if job.stats:
         atomic_write_text(job.stats, json.dumps(st.to_dict(), indent=1) + "\n")
     h, w = st.size
@@ -200,7 +235,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return main_from_args(config.from_args(BenchSettings, args))
 
 
+def _cmd_bench_quality(args: argparse.Namespace) -> int:
+    from bench.quality import QualitySettings, main_from_args
+
+    return main_from_args(config.from_args(QualitySettings, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from bench.quality import QualitySettings
     from bench.run import BenchSettings
     from export import ExportSettings
 
@@ -260,10 +302,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(p, BenchSettings)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
+        "bench-quality",
+        help="full-resolution loss in a fixed time: multi-scale against single-scale, and the time to match",
+        description="Render the same image three times: multi-scale and single-scale under one time budget, then "
+        "single-scale for longer, to see when it reaches the multi-scale loss. Writes JSON and markdown.",
+    )
+    config.add_arguments(p, QualitySettings)
+    p.set_defaults(func=_cmd_bench_quality)
     return parser
 
 
+_CLOCK_START: float | None = None
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _CLOCK_START
+    import time
+
+    # A time budget counts from the process start when nst runs as a program (so Python's
+    # start-up and imports are inside it), and from this call when called from Python.
+    _CLOCK_START = time.perf_counter() - (_process_age() if argv is None else 0.0)
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)

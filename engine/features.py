@@ -76,6 +76,13 @@ class VGGFeatures(nn.Module):
         self.tap_channels = tuple(table[t].out_channels for t in self.taps)
         self.tap_strides = tuple(table[t].stride for t in self.taps)
 
+        # VGG blocks as (first, last) positions in self.body, for activation checkpointing.
+        blocks: dict[int, list[int]] = {}
+        for i, name in enumerate(layers):
+            blocks.setdefault(table[name].block, []).append(i)
+        self._blocks = tuple((b[0], b[-1]) for b in blocks.values())
+        self.checkpoint = False  # set by the memory plan: recompute each block in the backward
+
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.channels_last = False
@@ -152,6 +159,8 @@ class VGGFeatures(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = (x - self.mean) / self.std
+        if self.checkpoint and torch.is_grad_enabled() and not torch.jit.is_tracing():
+            return self._forward_checkpointed(x)
         outs: list[torch.Tensor] = []
         positions = self._tap_positions
         k = 0
@@ -160,6 +169,25 @@ class VGGFeatures(nn.Module):
             if k < len(positions) and i == positions[k]:
                 outs.append(x)  # (N, C_tap, H / stride, W / stride)
                 k += 1
+        return tuple(outs)
+
+    def _run_block(self, x: torch.Tensor, first: int, last: int) -> tuple[torch.Tensor, ...]:
+        taps = []
+        for i in range(first, last + 1):
+            x = self.body[i](x)
+            if i in self._tap_positions:
+                taps.append(x)
+        return (x, *taps)
+
+    def _forward_checkpointed(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Same outputs; only block inputs and taps are kept, the rest is recomputed in backward."""
+        from torch.utils.checkpoint import checkpoint
+
+        outs: list[torch.Tensor] = []
+        for first, last in self._blocks:
+            res = checkpoint(self._run_block, x, first, last, use_reentrant=False)
+            x = res[0]
+            outs.extend(res[1:])
         return tuple(outs)
 
 

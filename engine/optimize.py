@@ -32,11 +32,13 @@ from .errors import InputError, NSTError
 from .imageio import fit_long_edge, resize_to
 from .loader import ScriptedExtractor, load_extractor
 from .losses import content_loss, style_loss, tv_loss
+from .memory import MemoryPlan, plan_memory
 from .settings import StylizeSettings
 from .targets import Targets, compute_targets, parse_layer_weights
 
 log = logging.getLogger("nst")
 
+_WARNED: set = set()
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN autotune, Adam state)
 
 
@@ -116,6 +118,10 @@ class RunStats:
     path: str = ""
     memory_format: str = ""
     cuda_graph: bool = False
+    checkpointing: bool = False
+    memory_estimate_bytes: int = 0
+    scales: list = field(default_factory=list)  # multi-scale: per-scale plan and outcome
+    total_s: float = 0.0  # multi-scale or budgeted: everything from the budget's start
     optimizer: str = ""
     weights: str = ""
 
@@ -304,6 +310,7 @@ class Prepared:
     content_img: torch.Tensor  # (1, 3, H, W) on the device
     out_hw: tuple[int, int]
     weights_info: dict
+    memory: "MemoryPlan"
 
 
 def prepare(
@@ -322,7 +329,8 @@ def prepare(
     if extractor is None:
         extractor = load_extractor(settings.extractor, settings.weights, taps, settings.pool, settings.network)
     weights_info = getattr(extractor, "weights_info", {}) or {}
-    if weights_info.get("random"):
+    if weights_info.get("random") and weights_info.get("source") not in _WARNED:
+        _WARNED.add(weights_info.get("source"))  # once per process, not once per scale
         log.warning("using %s: %s", weights_info.get("source"), weights_info.get("note"))
 
     out_hw = fit_long_edge(tuple(content.shape[-2:]), settings.size)
@@ -346,11 +354,24 @@ def prepare(
             )
         style_imgs.append((resize_to(img.float(), hw).unsqueeze(0).to(device), float(w)))
 
+    # The memory plan, before anything large is allocated: plain, checkpointed, or refused.
+    can_ckpt = hasattr(extractor, "checkpoint") and not isinstance(extractor, ScriptedExtractor)
+    if settings.checkpointing == "on" and not can_ckpt:
+        raise InputError("--checkpointing on needs the eager extractor; a TorchScript extractor cannot recompute blocks")
+    mem = plan_memory(*out_hw, taps, settings.network, 2 if plan.precision in ("bf16", "fp16") else 4, settings.pool,
+                      plan.device, settings.checkpointing, settings.memory_limit, can_ckpt)
+    log.debug("%s", mem.describe())
+
     # Targets: once, float32, NCHW, whatever the loop runs in.
     targets = compute_targets(extractor, content_img, style_imgs, content_layers, style_layers)
 
     x = init_image(init if init is not None else settings.init, content_img, style_imgs, settings.seed)
     net = _fast_network(extractor, plan)
+    if mem.checkpoint:
+        if net is extractor:
+            net = copy.deepcopy(extractor)  # leave the caller's module as it was
+        net.checkpoint = True
+        log.info("%s", mem.describe())
     if plan.channels_last and settings.optimizer == "adam":
         # (L-BFGS flattens its parameters with .view(-1), so its image stays NCHW; the
         # network converts its input to channels-last inside.)
@@ -366,7 +387,7 @@ def prepare(
         runner = GraphAdamStep(objective, x, lr, plan, scale)
     else:
         runner = AdamStep(objective, x, lr, plan, scale)
-    return Prepared(settings, plan, runner, objective, x, targets, content_img, out_hw, weights_info)
+    return Prepared(settings, plan, runner, objective, x, targets, content_img, out_hw, weights_info, mem)
 
 
 def run(
@@ -395,6 +416,8 @@ def run(
         steps_planned=settings.steps, size=out_hw, device=plan.device, precision=plan.precision, path=plan.path,
         memory_format="channels_last" if plan.channels_last else "contiguous", cuda_graph=plan.cuda_graph,
         optimizer=settings.optimizer, weights=str(weights_info.get("source", "")),
+        checkpointing=p.memory.checkpoint,
+        memory_estimate_bytes=p.memory.checkpointed_bytes if p.memory.checkpoint else p.memory.estimate_bytes,
     )
     hist = torch.full((settings.steps, 4), float("nan"), device=device)  # per-step [total, c, s, tv]
     snap = torch.empty_like(x, memory_format=torch.preserve_format).detach()

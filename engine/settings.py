@@ -59,9 +59,20 @@ class StylizeSettings:
     reference: bool = option(False, help="force the plain float32 NCHW eager reference path (no fast path)")
     cuda_graph: bool = option(True, help="on CUDA with Adam, capture the whole step in a CUDA graph")
     loss_scale: float = option(1024.0, help="static loss scale for fp16 (gradients are unscaled before the update)")
+    checkpointing: str = option(
+        "auto", help="activation checkpointing over the VGG blocks: auto = only when the memory plan says a plain "
+        "step would not fit", choices=("auto", "on", "off"),
+    )
+    memory_limit: float | None = option(None, help="plan for this many GiB instead of the memory found free",
+                                        metavar="GIB")
     progress_every: int = option(25, help="steps between progress updates; the only host syncs in the loop")
     time_limit: float | None = option(None, help="stop after this many seconds and keep the best image so far",
                                       metavar="SECONDS")
+    scales: str | None = option(None, help="multi-scale: 'auto' (from about 256 px up to --size by --scale-factor) "
+                                "or long edges like 256,512,1024; --steps is per scale", metavar="SCALES")
+    scale_factor: float = option(2**0.5, help="growth between automatic scales")
+    time_budget: float | None = option(None, help="finish, image written, within this many seconds: calibrate the "
+                                       "step time per scale, then plan the steps", metavar="SECONDS")
 
     def validate(self) -> None:
         if self.size < 1:
@@ -80,8 +91,14 @@ class StylizeSettings:
             raise InputError("--lbfgs-history must be at least 1")
         if self.progress_every < 1:
             raise InputError("--progress-every must be at least 1")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise InputError("--time-budget must be positive")
+        if not self.scale_factor > 1:
+            raise InputError(f"--scale-factor must be above 1, got {self.scale_factor}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise InputError("--time-limit must be positive")
+        if self.memory_limit is not None and not self.memory_limit > 0:
+            raise InputError("--memory-limit must be positive")
         if self.loss_scale <= 0:
             raise InputError("--loss-scale must be positive")
 

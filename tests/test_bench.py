@@ -60,3 +60,16 @@ def test_flop_formula():
     # Through conv5_1 (13 convs): the last three 14x14 convs (3 x 0.925 GFLOPs) fewer.
     assert 36.2e9 < conv_forward_flops(224, 224) < 36.3e9
     assert step_flops(64, 64, extra_forwards=2) - step_flops(64, 64) == 2 * conv_forward_flops(64, 64)
+
+
+@pytest.mark.slow
+def test_quick_quality_benchmark(tmp_path, capsys):
+    code = main(["-q", "bench-quality", "--quick", "--device", "cpu", "--out", str(tmp_path), "--name", "q"])
+    assert code == 0
+    data = json.loads((tmp_path / "q.json").read_text())
+    assert [s["size"] for s in data["multi_scale"]["scales"]] == [64, 128]
+    for key in ("multi_scale", "single_scale"):
+        assert math.isfinite(data[key]["final_loss"]) and data[key]["final_loss"] > 0
+        assert data[key]["seconds"] < data["budget_s"] + 2.0  # within the budget (plus a generous margin)
+    assert data["single_scale_to_match"]["target_loss"] == data["multi_scale"]["final_loss"]
+    assert (tmp_path / "q.md").read_text().startswith("# Quality at equal time")
