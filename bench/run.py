@@ -10,10 +10,10 @@ device are listed as not applicable. Results: ``bench/results/<device>.json`` an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import logging
-import math
 import os
 import platform
 import statistics
@@ -31,7 +31,7 @@ from engine.errors import NSTError
 from engine.features import VGGFeatures
 from engine.fsutil import atomic_write_text
 from engine.imageio import pil_to_tensor, resize_to
-from engine.optimize import GRAPH_WARMUP_STEPS, prepare
+from engine.optimize import GRAPH_WARMUP_STEPS, prepare, resolve_plan, sync
 from engine.settings import StylizeSettings
 from engine.weights import resolve_weights
 
@@ -66,11 +66,6 @@ class BenchSettings:
 
 
 # -- measurement helpers -------------------------------------------------------------
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 class RSSPeak:
     """Peak resident set size of this process while in the block (sampled every 5 ms)."""
@@ -119,7 +114,7 @@ def time_steps(step, device, warmup: int, steps: int, repeats: int) -> dict:
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     warm_s = time.perf_counter() - t0
     per_step = []
     for _ in range(repeats):
@@ -185,7 +180,9 @@ ROWS = [
 ]
 
 
+@functools.lru_cache(maxsize=None)
 def _images(size: int):
+    """The demo's drawings at size x size (drawn once per size; no row changes them)."""
     from engine.demo import make_content, make_style
 
     content = resize_to(pil_to_tensor(make_content()), (size, size))
@@ -196,10 +193,7 @@ def _images(size: int):
 def _row_dtype(row: Row, device) -> tuple[str, str]:
     if row.kind == "baseline":
         return "fp32", "contiguous"
-    s = StylizeSettings(device=device.type, **(row.settings or {}))
-    from engine.optimize import resolve_plan
-
-    p = resolve_plan(s)
+    p = resolve_plan(StylizeSettings(device=device.type, **(row.settings or {})))
     return p.precision, "channels_last" if p.channels_last else "contiguous"
 
 
@@ -237,12 +231,12 @@ def build_row(row: Row, size: int, device, eager_net: VGGFeatures, weights, ts_d
             p = prepare(content, [(style, 1.0)], settings, extractor=None if row.torchscript else eager_net)
             runner = p.runner
             step = runner.step
-        _sync(device)
+        sync(device)
         out["setup_s"] = time.perf_counter() - t_setup
         t0 = time.perf_counter()
         for _ in range(cfg.warmup):
             step()
-        _sync(device)
+        sync(device)
         out["warmup_s"] = time.perf_counter() - t0
         out["capture_s"] = getattr(runner, "capture_s", 0.0) if runner is not None else 0.0
     if device.type == "cuda":
@@ -335,10 +329,8 @@ def _onnx_targets(size: int, device, eager_net, onnx_path, cfg) -> dict:
             "onnxruntime_vs_eager": e["s_per_step"] / o["s_per_step"]}
 
 
-_GROUPS = (
-    ("convolution forward", ("convolution", "conv2d", "mkldnn_conv", "cudnn_conv", "conv_")),
-    ("Gram matmuls", ("aten::mm", "aten::bmm", "gemm", "sgemm", "cutlass", "xmma", "ampere_", "sm90_")),
-)
+_CONV_KEYS = ("convolution", "conv2d", "mkldnn_conv", "cudnn_conv", "conv_")
+_MATMUL_KEYS = ("aten::mm", "aten::bmm", "gemm", "sgemm", "cutlass", "xmma", "ampere_", "sm90_")
 
 
 def profile_engine(size: int, device, eager_net, cfg) -> dict:
@@ -355,13 +347,13 @@ def profile_engine(size: int, device, eager_net, cfg) -> dict:
     step = p.runner.step
     for _ in range(cfg.warmup):
         step()
-    _sync(device)
+    sync(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     n = max(2, min(cfg.steps, 5))
     with profile(activities=acts) as prof:
         for _ in range(n):
             step()
-        _sync(device)
+        sync(device)
     use_cuda = device.type == "cuda"
     groups = {"convolution backward": 0.0, "convolution forward": 0.0, "Gram matmuls": 0.0, "other": 0.0}
     ops = []
@@ -374,9 +366,9 @@ def profile_engine(size: int, device, eager_net, cfg) -> dict:
         low = name.lower()
         if "backward" in low and ("conv" in low or "wgrad" in low or "dgrad" in low):
             g = "convolution backward"
-        elif any(k in low for k in _GROUPS[0][1]):
+        elif any(k in low for k in _CONV_KEYS):
             g = "convolution forward"
-        elif any(k in low for k in _GROUPS[1][1]):
+        elif any(k in low for k in _MATMUL_KEYS):
             g = "Gram matmuls"
         else:
             g = "other"
@@ -613,6 +605,3 @@ def main_from_args(cfg: BenchSettings) -> int:
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
-
-def is_finite_positive(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0

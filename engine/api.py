@@ -16,7 +16,6 @@ from .layers import min_side as _min_side
 from .multiscale import render
 from .optimize import Result
 from .settings import StylizeSettings
-from .targets import parse_layer_weights
 
 INIT_KEYWORDS = ("content", "noise", "style")
 
@@ -36,10 +35,7 @@ def as_image(x, what: str = "image", min_side: int = 1) -> torch.Tensor:
 
 
 def required_min_side(settings: StylizeSettings) -> int:
-    layers = parse_layer_weights(settings.content_layers, settings.network) + parse_layer_weights(
-        settings.style_layers, settings.network
-    )
-    return _min_side(tuple(n for n, _ in layers), settings.network)
+    return _min_side(settings.taps(), settings.network)
 
 
 def stylize(content, style, settings: StylizeSettings | None = None, extractor=None, progress: bool = False,

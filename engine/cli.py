@@ -65,6 +65,14 @@ def _process_age() -> float:
         return 0.0
 
 
+def _check_file_target(path: str, flag: str) -> Path:
+    """Refuse, before any work, a non-image output path that cannot be a file."""
+    p = Path(path)
+    if p.is_dir() or not (p.parent if str(p.parent) else Path(".")).is_dir():
+        raise NSTError(f"{flag} {path}: not a writable file path")
+    return p
+
+
 def _sibling(path: Path, step: int) -> Path:
     return path.with_name(f"{path.stem}_{step:05d}{path.suffix}")
 
@@ -111,9 +119,7 @@ def _cmd_stylize(args: argparse.Namespace) -> int:
     # Everything that can be refused is refused before any work: output path, inputs.
     out = check_output_path(job.output)
     if job.stats:
-        check_stats = Path(job.stats)
-        if check_stats.is_dir() or not (check_stats.parent if str(check_stats.parent) else Path(".")).is_dir():
-            raise NSTError(f"--stats {job.stats}: not a writable file path")
+        _check_file_target(job.stats, "--stats")
     content, styles, init = _load_inputs(job, required_min_side(job))
     settings = _settings_of(job)
 
@@ -214,9 +220,7 @@ def _cmd_targets(args: argparse.Namespace) -> int:
     if not job.extractor:
         raise NSTError("--extractor DIR is required: targets are computed with that export's TorchScript file, "
                        "which the host will run")
-    out = Path(job.output)
-    if out.is_dir() or not (out.parent if str(out.parent) else Path(".")).is_dir():
-        raise NSTError(f"-o {job.output}: not a writable file path")
+    out = _check_file_target(job.output, "-o")
     content, styles, init = _load_inputs(job, required_min_side(job))
     settings = _settings_of(job)
     # The host runs the reference path: float32, NCHW, on the CPU.
@@ -257,60 +261,47 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser(
-        "export",
-        help="write the VGG extractor as TorchScript, ONNX and ExportedProgram, with manifest.json",
-        description="Write the VGG extractor (cut after its deepest tap) as TorchScript (.ts), ONNX (.onnx) and "
-        "ExportedProgram (.pt2), check each against the eager module at a size other than the traced one, "
-        "then write manifest.json. A failed check exits non-zero and writes no manifest.",
-    )
-    config.add_arguments(p, ExportSettings)
-    p.set_defaults(func=_cmd_export)
+    def command(name, settings_cls, func, help, description, exclude=frozenset()):
+        """A subcommand whose options are generated from ``settings_cls``."""
+        p = sub.add_parser(name, help=help, description=description)
+        config.add_arguments(p, settings_cls, exclude=exclude)
+        p.set_defaults(func=func)
 
-    p = sub.add_parser(
-        "stylize",
-        help="render CONTENT in the style of one or more --style images",
-        description="Optimise the pixels of an image so that its VGG features match CONTENT and the Gram matrices "
-        "of the --style images. Defaults: 512 px, 500 Adam steps, content at relu4_2, style at relu1_1..relu5_1.",
-    )
-    config.add_arguments(p, StylizeJob)
-    p.set_defaults(func=_cmd_stylize)
+    command("export", ExportSettings, _cmd_export,
+            help="write the VGG extractor as TorchScript, ONNX and ExportedProgram, with manifest.json",
+            description="Write the VGG extractor (cut after its deepest tap) as TorchScript (.ts), ONNX "
+                        "(.onnx) and ExportedProgram (.pt2), check each against the eager module at a size "
+                        "other than the traced one, then write manifest.json. A failed check exits non-zero "
+                        "and writes no manifest.")
 
-    p = sub.add_parser(
-        "targets",
-        help="write content features, style Grams and the start image for a host without Python (C++)",
-        description="Compute the targets of a render with an export directory's TorchScript extractor and write them "
-        "as a TorchScript module of tensors plus a JSON description, for examples/cpp/nst_host.",
-    )
-    config.add_arguments(p, TargetsJob, exclude=TARGETS_EXCLUDE)
-    p.set_defaults(func=_cmd_targets)
+    command("stylize", StylizeJob, _cmd_stylize,
+            help="render CONTENT in the style of one or more --style images",
+            description="Optimise the pixels of an image so that its VGG features match CONTENT and the Gram "
+                        "matrices of the --style images. Defaults: 512 px, 500 Adam steps, content at "
+                        "relu4_2, style at relu1_1..relu5_1.")
 
-    p = sub.add_parser(
-        "demo",
-        help="render images the project draws itself, with no arguments and no network",
-        description="Draw a landscape and a swirling painting, stylise one with the other, and write the result "
-        "and a side-by-side sheet. Uses ImageNet weights when cached, else seeded random weights (and says so).",
-    )
-    config.add_arguments(p, DemoSettings)
-    p.set_defaults(func=_cmd_demo)
+    command("targets", TargetsJob, _cmd_targets, exclude=TARGETS_EXCLUDE,
+            help="write content features, style Grams and the start image for a host without Python (C++)",
+            description="Compute the targets of a render with an export directory's TorchScript extractor and "
+                        "write them as a TorchScript module of tensors plus a JSON description, for "
+                        "examples/cpp/nst_host.")
 
-    p = sub.add_parser(
-        "bench",
-        help="steps/s of the engine against eager PyTorch baselines, as a waterfall (JSON, markdown, plot)",
-        description="Time the naive and fair eager PyTorch loops and the engine's techniques one by one, in one "
-        "process, on one device; write bench/results/<device>.{json,md,png}.",
-    )
-    config.add_arguments(p, BenchSettings)
-    p.set_defaults(func=_cmd_bench)
+    command("demo", DemoSettings, _cmd_demo,
+            help="render images the project draws itself, with no arguments and no network",
+            description="Draw a landscape and a swirling painting, stylise one with the other, and write the "
+                        "result and a side-by-side sheet. Uses ImageNet weights when cached, else seeded "
+                        "random weights (and says so).")
 
-    p = sub.add_parser(
-        "bench-quality",
-        help="full-resolution loss in a fixed time: multi-scale against single-scale, and the time to match",
-        description="Render the same image three times: multi-scale and single-scale under one time budget, then "
-        "single-scale for longer, to see when it reaches the multi-scale loss. Writes JSON and markdown.",
-    )
-    config.add_arguments(p, QualitySettings)
-    p.set_defaults(func=_cmd_bench_quality)
+    command("bench", BenchSettings, _cmd_bench,
+            help="steps/s of the engine against eager PyTorch baselines, as a waterfall (JSON, markdown, plot)",
+            description="Time the naive and fair eager PyTorch loops and the engine's techniques one by one, "
+                        "in one process, on one device; write bench/results/<device>.{json,md,png}.")
+
+    command("bench-quality", QualitySettings, _cmd_bench_quality,
+            help="full-resolution loss in a fixed time: multi-scale against single-scale, and the time to match",
+            description="Render the same image three times: multi-scale and single-scale under one time "
+                        "budget, then single-scale for longer, to see when it reaches the multi-scale loss. "
+                        "Writes JSON and markdown.")
     return parser
 
 

@@ -85,17 +85,3 @@ def contact_sheet(images: list[Image.Image], captions: list[str], height: int = 
             d.text((x, height + pad + 3 + k * text_h), line, fill=(0, 0, 0), font=font)
         x += im.width + pad
     return sheet
-
-
-def wrap(text: str, width_chars: int) -> str:
-    words, lines, cur = text.split(), [], ""
-    for w in words:
-        if len(cur) + len(w) + 1 > width_chars and cur:
-            lines.append(cur)
-            cur = w
-        else:
-            cur = f"{cur} {w}".strip()
-    lines.append(cur)
-    return "\n".join(lines)
-
-

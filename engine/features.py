@@ -161,18 +161,11 @@ class VGGFeatures(nn.Module):
         x = (x - self.mean) / self.std
         if self.checkpoint and torch.is_grad_enabled() and not torch.jit.is_tracing():
             return self._forward_checkpointed(x)
-        outs: list[torch.Tensor] = []
-        positions = self._tap_positions
-        k = 0
-        for i, layer in enumerate(self.body):
-            x = layer(x)
-            if k < len(positions) and i == positions[k]:
-                outs.append(x)  # (N, C_tap, H / stride, W / stride)
-                k += 1
-        return tuple(outs)
+        return self._run_block(x, 0, len(self.body) - 1)[1:]
 
     def _run_block(self, x: torch.Tensor, first: int, last: int) -> tuple[torch.Tensor, ...]:
-        taps = []
+        """Layers first..last of self.body: (output, *taps read on the way)."""
+        taps = []  # each (N, C_tap, H / stride, W / stride)
         for i in range(first, last + 1):
             x = self.body[i](x)
             if i in self._tap_positions:

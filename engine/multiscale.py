@@ -25,14 +25,13 @@ import math
 import time
 from dataclasses import dataclass
 
-import torch
 
 from .errors import InputError
 from .imageio import fit_long_edge, resize_to
 from .loader import load_extractor
-from .optimize import GRAPH_WARMUP_STEPS, GraphAdamStep, NonFiniteLossError, Result, prepare, resolve_plan, run
+from .optimize import (GRAPH_WARMUP_STEPS, GraphAdamStep, NonFiniteLossError, Result, prepare, resolve_plan,
+                       run, sync)
 from .settings import StylizeSettings
-from .targets import parse_layer_weights
 
 log = logging.getLogger("nst")
 
@@ -84,11 +83,6 @@ class ScalePlan:
     steps_run: int = 0
 
 
-def _sync(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def calibrate(content, styles, settings: StylizeSettings, extractor, sizes, budget: float | None, t_start: float,
               margin: float) -> list[ScalePlan]:
     """Measure setup and step time per scale (a warm-up step, then one timed step)."""
@@ -101,16 +95,16 @@ def calibrate(content, styles, settings: StylizeSettings, extractor, sizes, budg
             prepare(content, styles, dataclasses.replace(settings, size=size, scales=None), extractor)
         t0 = time.perf_counter()
         p = prepare(content, styles, dataclasses.replace(settings, size=size, scales=None), extractor)
-        _sync(device)
+        sync(device)
         setup = time.perf_counter() - t0
         # Warm-up: first-touch allocations and kernel selection; with a CUDA graph, the eager
         # warm-up steps and the capture too, so that the timed step is a replay.
         for _ in range(GRAPH_WARMUP_STEPS + 1 if isinstance(p.runner, GraphAdamStep) else 1):
             p.runner.step()
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         p.runner.step()
-        _sync(device)
+        sync(device)
         step = time.perf_counter() - t1
         plans.append(ScalePlan(size, p.out_hw, setup, step))
         del p
@@ -165,11 +159,9 @@ def render(content, styles, settings: StylizeSettings, extractor=None, init=None
     if len(sizes) == 1 and budget is None:
         return run(content, styles, settings, extractor=extractor, init=init, progress=progress, on_image=on_image,
                    save_every=save_every)
-    if extractor is None:
-        layers = parse_layer_weights(settings.content_layers, settings.network) + parse_layer_weights(
-            settings.style_layers, settings.network)
-        taps = tuple(dict.fromkeys(n for n, _ in layers))
-        extractor = load_extractor(settings.extractor, settings.weights, taps, settings.pool, settings.network)
+    if extractor is None:  # loaded once here, not once per scale
+        extractor = load_extractor(settings.extractor, settings.weights, settings.taps(), settings.pool,
+                                   settings.network)
 
     margin = budget_margin(budget) if budget is not None else 0.0
     if budget is not None:

@@ -34,7 +34,7 @@ from .loader import ScriptedExtractor, load_extractor
 from .losses import content_loss, style_loss, tv_loss
 from .memory import MemoryPlan, plan_memory
 from .settings import StylizeSettings
-from .targets import Targets, compute_targets, parse_layer_weights
+from .targets import Targets, compute_targets
 
 log = logging.getLogger("nst")
 
@@ -138,7 +138,7 @@ class Result:
 class Objective:
     """Pure function of the image: x (1, 3, H, W) -> (4,) [total, content, style, tv]."""
 
-    def __init__(self, net, targets: Targets, settings: StylizeSettings, plan: Plan, in_graph: bool = False):
+    def __init__(self, net, targets: Targets, settings: StylizeSettings, plan: Plan):
         taps = list(net.taps)
         self.net = net
         self.content_idx = [taps.index(n) for n, _ in targets.content_layers]
@@ -149,8 +149,8 @@ class Objective:
         self.cw, self.sw, self.tvw = settings.content_weight, settings.style_weight, settings.tv_weight
         self.dtype = plan.autocast_dtype
         self.device_type = plan.device
-        # Autocast's weight-cast cache must be off while a CUDA graph is captured.
-        self.cache = not in_graph
+        # Autocast's weight-cast cache; GraphAdamStep turns it off before capturing a graph.
+        self.cache = True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.dtype is not None:
@@ -323,9 +323,8 @@ def prepare(
     """Resolve the plan, load the network, compute the targets once, build the step."""
     settings.validate()
     plan = resolve_plan(settings)
-    content_layers = parse_layer_weights(settings.content_layers, settings.network)
-    style_layers = parse_layer_weights(settings.style_layers, settings.network)
-    taps = tuple(dict.fromkeys(n for n, _ in content_layers + style_layers))
+    content_layers, style_layers = settings.layer_weights()
+    taps = settings.taps()
     if extractor is None:
         extractor = load_extractor(settings.extractor, settings.weights, taps, settings.pool, settings.network)
     weights_info = getattr(extractor, "weights_info", {}) or {}
@@ -424,7 +423,7 @@ def run(
     best = torch.empty_like(snap)
     best_loss, best_step = math.inf, -1
     every = settings.progress_every
-    _sync(device)
+    sync(device)
     stats.setup_s = time.perf_counter() - t_setup
 
     bar = None
@@ -474,7 +473,7 @@ def run(
     finally:
         if bar is not None:
             bar.close()
-    _sync(device)
+    sync(device)
     stats.loop_s = time.perf_counter() - t0
     stats.capture_s = getattr(runner, "capture_s", 0.0)
     stats.steps_run = done
@@ -504,8 +503,9 @@ def run(
     return result
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def sync(device: torch.device | str) -> None:
+    """Wait for the device (a no-op on the CPU): before reading a host clock."""
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 

@@ -102,6 +102,18 @@ class StylizeSettings:
         if self.loss_scale <= 0:
             raise InputError("--loss-scale must be positive")
 
+    def layer_weights(self) -> tuple[tuple[tuple[str, float], ...], tuple[tuple[str, float], ...]]:
+        """(content layers, style layers), each ((name, weight), ...) in depth order."""
+        from .targets import parse_layer_weights
+
+        return (parse_layer_weights(self.content_layers, self.network),
+                parse_layer_weights(self.style_layers, self.network))
+
+    def taps(self) -> tuple[str, ...]:
+        """Every layer the losses read: the content layers first, then the style layers."""
+        content, style = self.layer_weights()
+        return tuple(dict.fromkeys(n for n, _ in content + style))
+
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
