@@ -15,10 +15,11 @@ from .weights import Weights, resolve_weights
 from .settings import StylizeSettings
 from .optimize import NonFiniteLossError, Result, RunStats
 from .api import stylize
+from . import recipes
 
 __all__ = [
     "DEFAULT_TAPS", "IMAGENET_MEAN", "IMAGENET_STD", "VGGFeatures", "ScriptedExtractor", "Weights",
     "build_extractor", "load_export", "load_extractor", "parse_taps", "resolve_weights", "vgg_layers",
-    "StylizeSettings", "Result", "RunStats", "NonFiniteLossError", "stylize",
+    "StylizeSettings", "Result", "RunStats", "NonFiniteLossError", "stylize", "recipes",
     "NSTError", "WeightsError", "InputError", "ExportError", "ManifestError",
 ]

@@ -39,14 +39,20 @@ def required_min_side(settings: StylizeSettings) -> int:
 
 
 def stylize(content, style, settings: StylizeSettings | None = None, extractor=None, progress: bool = False,
-            **overrides) -> Result:
+            recipe: str | None = None, **overrides) -> Result:
     """Stylise ``content`` with ``style``.
 
     ``style`` is one image, or a list of images or ``(image, weight)`` pairs (weights are
-    relative). ``overrides`` set StylizeSettings fields (``steps=100, size=256``...).
+    relative). ``recipe`` names a configuration of engine/recipes.py, applied over
+    ``settings``; ``overrides`` set StylizeSettings fields (``steps=100, size=256``...) last.
     Returns a :class:`engine.optimize.Result`: ``.image`` (3, H, W) and ``.stats``.
     """
-    settings = dataclasses.replace(settings or StylizeSettings(), **overrides)
+    if recipe is not None:
+        from .recipes import settings as recipe_settings
+
+        settings = recipe_settings(recipe, settings, **overrides)
+    else:
+        settings = dataclasses.replace(settings or StylizeSettings(), **overrides)
     need = required_min_side(settings)
     content_t = as_image(content, "content image", need)
     items = style if isinstance(style, (list, tuple)) and not isinstance(style, torch.Tensor) else [style]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def _cmd_stylize(args: argparse.Namespace) -> int:
 
     from .api import required_min_side
     from .fsutil import atomic_write_text
-    from .imageio import check_output_path, save_image
+    from .imageio import GIF_LONG_EDGE, check_gif_path, check_output_path, fit_long_edge, gif_frame, save_gif, save_image
     from .multiscale import budget_margin, render
     from .optimize import NonFiniteLossError
     from .settings import StylizeJob
@@ -120,11 +121,25 @@ def _cmd_stylize(args: argparse.Namespace) -> int:
     out = check_output_path(job.output)
     if job.stats:
         _check_file_target(job.stats, "--stats")
+    if job.gif:
+        check_gif_path(job.gif)
+    if job.save_every < 0 or job.gif_every < 0:
+        raise NSTError("--save-every and --gif-every must be >= 0")
     content, styles, init = _load_inputs(job, required_min_side(job))
     settings = _settings_of(job)
 
+    frames = []
+    gif_every = job.gif_every or max(1, settings.steps // 50)
+    if job.gif:
+        final_hw = settings.output_hw(tuple(content.shape[-2:]))
+        frame_hw = fit_long_edge(final_hw, min(GIF_LONG_EDGE, max(final_hw)))
+    every = math.gcd(job.save_every, gif_every) if job.gif else job.save_every
+
     def save_intermediate(step, image):
-        save_image(image, _sibling(out, step))
+        if job.save_every and step % job.save_every == 0:
+            save_image(image, _sibling(out, step))
+        if job.gif and step % gif_every == 0:
+            frames.append(gif_frame(image, frame_hw))
 
     def show_plan(plans):
         if settings.time_budget is None:
@@ -138,7 +153,7 @@ def _cmd_stylize(args: argparse.Namespace) -> int:
 
     try:
         result = render(content, styles, settings, init=init, progress=not args.quiet, on_image=save_intermediate,
-                        save_every=job.save_every, t_start=t_start, on_plan=show_plan)
+                        save_every=every, t_start=t_start, on_plan=show_plan)
     except NonFiniteLossError as e:
         if e.result is not None:
             save_image(e.result.image, out)
@@ -146,6 +161,12 @@ def _cmd_stylize(args: argparse.Namespace) -> int:
         raise
     save_image(result.image, out)
     st = result.stats
+    if job.gif:
+        last = gif_frame(result.image, frame_hw)  # end on the image that was written (held 2 s)
+        if not frames or last.tobytes() != frames[-1].tobytes():
+            frames.append(last)
+        save_gif(frames, job.gif)
+        print(f"wrote {job.gif} ({len(frames)} frames, {frame_hw[1]}x{frame_hw[0]})")
     if st.scales and settings.time_budget is not None:
         total = _time.perf_counter() - t_start
         print(f"planned against actual ({total:.1f} s of a {settings.time_budget:g} s budget, image written):")
@@ -245,11 +266,44 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     return main_from_args(config.from_args(QualitySettings, args))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _recipe_defaults(argv: list[str]) -> dict:
+    """The values of a ``--recipe NAME`` on the command line, to become the defaults of
+    ``nst stylize`` / ``nst targets`` (so explicit flags override them). An unknown name
+    gives no defaults; the parser then refuses it with the list of recipes."""
+    from . import recipes
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe")
+    name = pre.parse_known_args(argv)[0].recipe
+    if name not in recipes.RECIPES:
+        return {}
+    values = dict(recipes.get(name).values)
+    if any(a == "--size" or a.startswith("--size=") for a in argv):
+        values.pop("resize", None)  # an explicit --size replaces the recipe's exact --resize
+    return values
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    import shlex
+
+    from . import recipes
+
+    names = [args.name] if args.name else list(recipes.RECIPES)
+    for name in names:
+        r = recipes.get(name)
+        print(f"{r.name}: {r.title}\n  source: {r.source}\n  flags:  {shlex.join(recipes.flags(name))}")
+        if args.name:
+            print(f"  notes:  {r.notes}")
+    return 0
+
+
+def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
+    """The parser; ``argv`` is only read for a --recipe, whose values become defaults."""
     from bench.quality import QualitySettings
     from bench.run import BenchSettings
     from export import ExportSettings
 
+    from . import recipes
     from .settings import TARGETS_EXCLUDE, DemoSettings, StylizeJob, TargetsJob
 
     parser = argparse.ArgumentParser(
@@ -261,11 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    def command(name, settings_cls, func, help, description, exclude=frozenset()):
+    recipe_values = _recipe_defaults(list(argv))
+
+    def command(name, settings_cls, func, help, description, exclude=frozenset(), recipe=False):
         """A subcommand whose options are generated from ``settings_cls``."""
         p = sub.add_parser(name, help=help, description=description)
+        if recipe:
+            p.add_argument("--recipe", choices=list(recipes.RECIPES), metavar="NAME",
+                           help="start from a named configuration (" + ", ".join(recipes.RECIPES) + "; `nst recipes` "
+                           "shows their flags); options given beside it override its values")
         config.add_arguments(p, settings_cls, exclude=exclude)
         p.set_defaults(func=func)
+        if recipe:
+            p.set_defaults(**{k: v for k, v in recipe_values.items() if k not in exclude})
 
     command("export", ExportSettings, _cmd_export,
             help="write the VGG extractor as TorchScript, ONNX and ExportedProgram, with manifest.json",
@@ -278,13 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
             help="render CONTENT in the style of one or more --style images",
             description="Optimise the pixels of an image so that its VGG features match CONTENT and the Gram "
                         "matrices of the --style images. Defaults: 512 px, 500 Adam steps, content at "
-                        "relu4_2, style at relu1_1..relu5_1.")
+                        "relu4_2, style at relu1_1..relu5_1.", recipe=True)
 
     command("targets", TargetsJob, _cmd_targets, exclude=TARGETS_EXCLUDE,
             help="write content features, style Grams and the start image for a host without Python (C++)",
             description="Compute the targets of a render with an export directory's TorchScript extractor and "
                         "write them as a TorchScript module of tensors plus a JSON description, for "
-                        "examples/cpp/nst_host.")
+                        "examples/cpp/nst_host.", recipe=True)
+
+    p = sub.add_parser("recipes", help="list the named recipes (--recipe) with their equivalent flags",
+                       description="Print each recipe's source and the nst stylize flags it stands for; with NAME, "
+                                   "also where the engine departs from the original code (docs/recipes.md).")
+    p.add_argument("name", nargs="?", choices=list(recipes.RECIPES), metavar="NAME", help="one recipe")
+    p.set_defaults(func=_cmd_recipes)
 
     command("demo", DemoSettings, _cmd_demo,
             help="render images the project draws itself, with no arguments and no network",
@@ -315,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     # A time budget counts from the process start when nst runs as a program (so Python's
     # start-up and imports are inside it), and from this call when called from Python.
     _CLOCK_START = time.perf_counter() - (_process_age() if argv is None else 0.0)
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     try:

@@ -150,3 +150,35 @@ def fit_long_edge(hw: tuple[int, int], long_edge: int) -> tuple[int, int]:
     h, w = hw
     scale = long_edge / max(h, w)
     return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+GIF_LONG_EDGE = 512  # frames are scaled down to this long edge: a GIF of full 2048 px frames is unwieldy
+
+
+def check_gif_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".gif":
+        raise InputError(f"--gif {path}: the file name must end in .gif")
+    if path.is_dir():
+        raise InputError(f"--gif {path}: is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InputError(f"--gif {path}: directory {parent} does not exist or is not writable")
+    return path
+
+
+def gif_frame(x: torch.Tensor, hw: tuple[int, int]) -> Image.Image:
+    """One GIF frame: (3, h, w) in [0, 1] resized to ``hw`` (every frame of a GIF has one size)."""
+    return tensor_to_pil(resize_to(x.float(), hw))
+
+
+def save_gif(frames: list[Image.Image], path: str | os.PathLike, duration_ms: int = 100) -> Path:
+    """Write an animated GIF (it loops; the last frame shows for 2 s)."""
+    path = check_gif_path(path)
+    if not frames:
+        raise InputError(f"--gif {path}: no frames were recorded")
+    durations = [duration_ms] * (len(frames) - 1) + [2000]
+    with atomic_path(path, suffix=".gif") as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0,
+                       optimize=False)
+    return path

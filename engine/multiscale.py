@@ -3,8 +3,9 @@
 Rendering at growing sizes (coarse to fine) lets the cheap coarse steps set up the large
 structures, so the expensive full-size steps only refine. Between scales the image is
 upsampled (bicubic) and the targets are recomputed for the new size (the style images at
-the matching scale). The loss weights keep their meaning because every loss is a mean
-(engine/losses.py). Optimiser state is *not* carried over: L-BFGS's history vectors have
+the matching scale). The loss weights keep their meaning because every default loss is a
+mean (engine/losses.py); with a sum-based --gram-norm or --content-norm they do not, and
+the balance of content and style shifts between scales. Optimiser state is *not* carried over: L-BFGS's history vectors have
 the old image's dimension, and Adam's moments are per-pixel statistics of the old grid
 whose gradient scale changes with the size (mean-normalised losses give gradients ~1/(H W)
 per pixel), so upsampled moments would be wrong by the area ratio; both start fresh.
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 
 from .errors import InputError
-from .imageio import fit_long_edge, resize_to
+from .imageio import resize_to
 from .loader import load_extractor
 from .optimize import (GRAPH_WARMUP_STEPS, GraphAdamStep, NonFiniteLossError, Result, prepare, resolve_plan,
                        run, sync)
@@ -40,8 +41,8 @@ FINAL_SHARE = 0.5  # of the optimisation time, for the final scale (when there a
 
 
 def scale_sizes(settings: StylizeSettings) -> list[int]:
-    """Long edges of the scales, smallest first; the last is always ``settings.size``."""
-    size = settings.size
+    """Long edges of the scales, smallest first; the last is always the output's."""
+    size = settings.long_edge
     spec = (settings.scales or "").strip()
     if not spec:
         return [size]
@@ -63,7 +64,7 @@ def scale_sizes(settings: StylizeSettings) -> list[int]:
     if not sizes or any(v < 1 for v in sizes) or sizes != sorted(set(sizes)):
         raise InputError(f"bad --scales {spec!r}: long edges must be positive and increasing")
     if sizes[-1] > size:
-        raise InputError(f"--scales {spec}: the last scale ({sizes[-1]}) is larger than --size {size}")
+        raise InputError(f"--scales {spec}: the last scale ({sizes[-1]}) is larger than the output's long edge ({size}, from --size or --resize)")
     if sizes[-1] < size:
         sizes.append(size)
     return sizes
@@ -83,6 +84,19 @@ class ScalePlan:
     steps_run: int = 0
 
 
+def _offset(on_image, before: int):
+    if on_image is None:
+        return None
+    return lambda step, image: on_image(before + step, image)
+
+
+def at_scale(settings: StylizeSettings, content_hw: tuple[int, int], size: int, **changes) -> StylizeSettings:
+    """Settings of one scale: the output size pinned with --resize (the final output's
+    aspect ratio at this long edge), no multi-scale of its own."""
+    h, w = settings.output_hw(content_hw, size)
+    return dataclasses.replace(settings, size=size, resize=f"{w}x{h}", scales=None, **changes)
+
+
 def calibrate(content, styles, settings: StylizeSettings, extractor, sizes, budget: float | None, t_start: float,
               margin: float) -> list[ScalePlan]:
     """Measure setup and step time per scale (a warm-up step, then one timed step)."""
@@ -92,9 +106,9 @@ def calibrate(content, styles, settings: StylizeSettings, extractor, sizes, budg
         if k == 0:
             # Once untimed: the first setup of a process pays one-time costs (allocator,
             # kernel libraries) that would make the first scale look slower than it is.
-            prepare(content, styles, dataclasses.replace(settings, size=size, scales=None), extractor)
+            prepare(content, styles, at_scale(settings, tuple(content.shape[-2:]), size), extractor)
         t0 = time.perf_counter()
-        p = prepare(content, styles, dataclasses.replace(settings, size=size, scales=None), extractor)
+        p = prepare(content, styles, at_scale(settings, tuple(content.shape[-2:]), size), extractor)
         sync(device)
         setup = time.perf_counter() - t0
         # Warm-up: first-touch allocations and kernel selection; with a CUDA graph, the eager
@@ -171,13 +185,15 @@ def render(content, styles, settings: StylizeSettings, extractor=None, init=None
         for p in plans:
             p.initial_steps, p.initial_planned_s = p.steps, p.planned_s
     else:
-        plans = [ScalePlan(s, fit_long_edge(tuple(content.shape[-2:]), s), 0.0, 0.0, settings.steps) for s in sizes]
+        plans = [ScalePlan(s, settings.output_hw(tuple(content.shape[-2:]), s), 0.0, 0.0, settings.steps)
+                 for s in sizes]
     if on_plan is not None:
         on_plan(plans)
 
     image = init
     result = None
     scale_stats = []
+    steps_before = 0  # steps of the earlier scales: on_image counts steps over the whole render
     for k, plan in enumerate(plans):
         t0 = time.perf_counter()
         limit = None
@@ -196,13 +212,13 @@ def render(content, styles, settings: StylizeSettings, extractor=None, init=None
                 plans[k].steps, plans[k].planned_s = plans[k].initial_steps, plans[k].initial_planned_s
             end = budget - margin if k == len(plans) - 1 else min(elapsed + plans[k].planned_s, budget - margin)
             limit = max(0.05, end - elapsed)
-        s_k = dataclasses.replace(settings, size=plan.size, steps=plan.steps, scales=None, time_budget=None,
-                                  time_limit=limit if limit is not None else settings.time_limit)
+        s_k = at_scale(settings, tuple(content.shape[-2:]), plan.size, steps=plan.steps, time_budget=None,
+                       time_limit=limit if limit is not None else settings.time_limit)
         if image is not None and k > 0:
             image = resize_to(image, plan.hw)  # upsample the previous scale's result
         try:
             result = run(content, styles, s_k, extractor=extractor, init=image, progress=progress,
-                         on_image=on_image if k == len(plans) - 1 else None, save_every=save_every)
+                         on_image=_offset(on_image, steps_before), save_every=save_every)
         except NonFiniteLossError as e:
             if e.result is not None:
                 e.result.image = resize_to(e.result.image, plans[-1].hw)
@@ -216,6 +232,7 @@ def render(content, styles, settings: StylizeSettings, extractor=None, init=None
                             "first_loss": result.stats.loss[0] if result.stats.loss else None,
                             "final_loss": result.stats.final_loss})
         image = result.image
+        steps_before += result.stats.steps_run
         if result.stats.stopped == "interrupted":
             break
     assert result is not None

@@ -142,9 +142,9 @@ class Objective:
         taps = list(net.taps)
         self.net = net
         self.content_idx = [taps.index(n) for n, _ in targets.content_layers]
-        self.content_w = [w for _, w in targets.content_layers]
+        self.content_w = list(targets.content_scale)  # layer weight x normalisation factor
         self.style_idx = [taps.index(n) for n, _ in targets.style_layers]
-        self.style_w = [w for _, w in targets.style_layers]
+        self.style_w = list(targets.style_scale)
         self.targets = targets
         self.cw, self.sw, self.tvw = settings.content_weight, settings.style_weight, settings.tv_weight
         self.dtype = plan.autocast_dtype
@@ -171,7 +171,8 @@ class Objective:
 class AdamStep:
     """Eager Adam step; the reference uses the textbook single-tensor Adam."""
 
-    def __init__(self, objective: Objective, x: torch.Tensor, lr: float, plan: Plan, loss_scale: float | None):
+    def __init__(self, objective: Objective, x: torch.Tensor, lr: float, plan: Plan, loss_scale: float | None,
+                 scheduled: bool = False):
         self.objective, self.x = objective, x
         if plan.path == "reference":
             kw = {"foreach": False}
@@ -179,8 +180,19 @@ class AdamStep:
             kw = {"fused": True, "capturable": plan.cuda_graph}
         else:
             kw = {"foreach": True}
+        if plan.cuda_graph and scheduled:
+            # A captured graph reads the learning rate from device memory: a tensor that
+            # set_lr refills between replays (fused, capturable Adam accepts one).
+            lr = torch.tensor(lr, dtype=torch.float32, device=x.device)
         self.opt = torch.optim.Adam([x], lr=lr, **kw)
         self.scale = loss_scale
+
+    def set_lr(self, lr: float) -> None:
+        group = self.opt.param_groups[0]
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)  # a device-side fill: no host sync
+        else:
+            group["lr"] = lr
 
     def _body(self) -> torch.Tensor:
         parts = self.objective(self.x)
@@ -239,11 +251,21 @@ class LBFGSStep:
     """One L-BFGS iteration per call; its history carries over between calls.
 
     Not part of the fast path's no-sync promise: L-BFGS reads the loss on the host.
+
+    It minimises loss / loss_0, loss_0 being the first evaluation's loss (a constant): the
+    minimiser and the updates are those of the loss itself, but torch's absolute thresholds
+    (stop when max |grad| <= 1e-7; skip the curvature update when y.s <= 1e-10) no longer
+    depend on the loss's units. Losses in small units (the sum-normalised recipes, random
+    or non-Caffe-scaled networks) had stalled L-BFGS for good on its first step otherwise.
     """
 
     def __init__(self, objective: Objective, x: torch.Tensor, lr: float, history: int):
         self.objective, self.x = objective, x
         self.opt = torch.optim.LBFGS([x], lr=lr, max_iter=1, history_size=history)
+        self.inv_scale: float | None = None
+
+    def set_lr(self, lr: float) -> None:
+        self.opt.param_groups[0]["lr"] = lr
 
     def step(self) -> torch.Tensor:
         first: list[torch.Tensor] = []
@@ -251,10 +273,14 @@ class LBFGSStep:
         def closure():
             self.opt.zero_grad(set_to_none=True)
             parts = self.objective(self.x)
-            parts[0].backward()
+            if self.inv_scale is None:
+                l0 = abs(float(parts[0].detach()))  # host sync: once, at the first evaluation
+                self.inv_scale = 1.0 / l0 if math.isfinite(l0) and l0 > 0 else 1.0
+            loss = parts[0] * self.inv_scale
+            loss.backward()
             if not first:
                 first.append(parts.detach())
-            return parts[0]
+            return loss
 
         self.opt.step(closure)
         with torch.no_grad():
@@ -332,12 +358,12 @@ def prepare(
         _WARNED.add(weights_info.get("source"))  # once per process, not once per scale
         log.warning("using %s: %s", weights_info.get("source"), weights_info.get("note"))
 
-    out_hw = fit_long_edge(tuple(content.shape[-2:]), settings.size)
+    out_hw = settings.output_hw(tuple(content.shape[-2:]))
     min_side = extractor.min_side
     if min(out_hw) < min_side:
         raise InputError(
             f"output size {out_hw[0]}x{out_hw[1]} is too small for the network: each side needs at least "
-            f"{min_side} px (raise --size)"
+            f"{min_side} px (raise --size or --resize)"
         )
     device = torch.device(plan.device)
     extractor = extractor.to(device)
@@ -362,7 +388,8 @@ def prepare(
     log.debug("%s", mem.describe())
 
     # Targets: once, float32, NCHW, whatever the loop runs in.
-    targets = compute_targets(extractor, content_img, style_imgs, content_layers, style_layers)
+    targets = compute_targets(extractor, content_img, style_imgs, content_layers, style_layers, settings.gram_norm,
+                              settings.content_norm)
 
     x = init_image(init if init is not None else settings.init, content_img, style_imgs, settings.seed)
     net = _fast_network(extractor, plan)
@@ -382,10 +409,9 @@ def prepare(
     objective = Objective(net, targets, settings, plan)
     if settings.optimizer == "lbfgs":
         runner = LBFGSStep(objective, x, lr, settings.lbfgs_history)
-    elif plan.cuda_graph:
-        runner = GraphAdamStep(objective, x, lr, plan, scale)
     else:
-        runner = AdamStep(objective, x, lr, plan, scale)
+        scheduled = settings.lr_schedule != "constant"
+        runner = (GraphAdamStep if plan.cuda_graph else AdamStep)(objective, x, lr, plan, scale, scheduled)
     return Prepared(settings, plan, runner, objective, x, targets, content_img, out_hw, weights_info, mem)
 
 
@@ -423,6 +449,7 @@ def run(
     best = torch.empty_like(snap)
     best_loss, best_step = math.inf, -1
     every = settings.progress_every
+    scheduled = settings.lr_schedule != "constant"
     sync(device)
     stats.setup_s = time.perf_counter() - t_setup
 
@@ -445,6 +472,8 @@ def run(
             save_now = on_image is not None and save_every > 0 and (i + 1) % save_every == 0
             if checkpoint:
                 snap.copy_(x.detach())  # the image this step evaluates
+            if scheduled:
+                runner.set_lr(settings.lr_at(i))
             parts = runner.step()
             hist[i].copy_(parts)
             done = i + 1

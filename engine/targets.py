@@ -12,7 +12,7 @@ import torch
 
 from .errors import InputError
 from .layers import parse_taps
-from .losses import gram
+from .losses import content_norm_factor, gram, style_norm_factor
 
 
 def parse_layer_weights(spec, network: str = "vgg19") -> tuple[tuple[str, float], ...]:
@@ -46,6 +46,10 @@ class Targets:
     content: list[torch.Tensor]  # per content layer: (1, C, H/s, W/s)
     grams: list[torch.Tensor]  # per style layer: (1, C, C), the weighted blend over styles
     style_blend: tuple[float, ...]  # normalised weight of each style image
+    # Per layer: the layer weight times the normalisation factor of --content-norm /
+    # --gram-norm at this size (engine/losses.py); what the loop multiplies each term by.
+    content_scale: tuple[float, ...]
+    style_scale: tuple[float, ...]
 
 
 @torch.no_grad()
@@ -55,11 +59,15 @@ def compute_targets(
     styles: list[tuple[torch.Tensor, float]],
     content_layers: tuple[tuple[str, float], ...],
     style_layers: tuple[tuple[str, float], ...],
+    gram_norm: str = "chw",
+    content_norm: str = "mean",
 ) -> Targets:
     """Run the extractor once on the content image and once per style image.
 
     content: (1, 3, H, W); styles: [(image (1, 3, h, w), weight)], weights >= 0, not all 0.
-    Style Grams blend as sum_k (w_k / sum w) * G_k, so weights are relative.
+    Style Grams blend as sum_k (w_k / sum w) * G_k, so weights are relative. The
+    normalisation factors use the feature shapes at the content image's size, which is
+    the size the loop optimises.
     """
     taps = list(extractor.taps)
     missing = [n for n, _ in content_layers + style_layers if n not in taps]
@@ -74,10 +82,15 @@ def compute_targets(
 
     feats = extractor(content.float())
     content_feats = [feats[taps.index(n)].float().clone() for n, _ in content_layers]
+    shapes = {n: tuple(feats[taps.index(n)].shape[1:]) for n, _ in content_layers + style_layers}  # (C, H, W)
+    content_scale = tuple(w * content_norm_factor(content_norm, shapes[n][0], shapes[n][1] * shapes[n][2])
+                          for n, w in content_layers)
+    style_scale = tuple(w * style_norm_factor(gram_norm, shapes[n][0], shapes[n][1] * shapes[n][2])
+                        for n, w in style_layers)
     grams = [None] * len(style_layers)
     for (img, _), share in zip(styles, blend):
         feats = extractor(img.float())
         for i, (name, _) in enumerate(style_layers):
             g = gram(feats[taps.index(name)]) * share  # (1, C, C)
             grams[i] = g if grams[i] is None else grams[i] + g
-    return Targets(content_layers, style_layers, content_feats, grams, blend)
+    return Targets(content_layers, style_layers, content_feats, grams, blend, content_scale, style_scale)

@@ -3,7 +3,7 @@
 The file is a TorchScript module that holds tensors as attributes - ``content_<i>`` (one
 per content layer), ``gram_<i>`` (one per style layer, blended), ``init`` (the start image,
 (1, 3, H, W) in [0, 1]) - and describes them in ``extra_files['nst_targets.json']``:
-layer names and weights in order, the loss weights, the learning rate, the size, and the
+layer names and weights in order (normalisation factors folded in), the loss weights, the learning rate, the size, and the
 SHA-256 of the extractor file they were computed with (so a host can refuse a mismatch).
 libtorch reads it with ``torch::jit::load(path, device, extra_files)``.
 """
@@ -44,8 +44,12 @@ def describe(p: Prepared, export_dir: str | Path) -> dict:
         "format_version": FORMAT_VERSION,
         "extractor_sha256": manifest["artefacts"]["torchscript"]["sha256"],
         "taps": manifest["taps"],
-        "content_layers": [[n, w] for n, w in p.targets.content_layers],
-        "style_layers": [[n, w] for n, w in p.targets.style_layers],
+        # Each weight is the layer weight times its --content-norm / --gram-norm factor at
+        # this size, so a host that computes the default (mean) losses gets every norm.
+        "content_layers": [[n, w] for (n, _), w in zip(p.targets.content_layers, p.targets.content_scale)],
+        "style_layers": [[n, w] for (n, _), w in zip(p.targets.style_layers, p.targets.style_scale)],
+        "gram_norm": s.gram_norm,
+        "content_norm": s.content_norm,
         "style_blend": list(p.targets.style_blend),
         "content_weight": s.content_weight,
         "style_weight": s.style_weight,
@@ -55,7 +59,8 @@ def describe(p: Prepared, export_dir: str | Path) -> dict:
         "size": list(p.out_hw),
         "weights": manifest["weights"],
         "losses": "gram = F F^T/(C*M); content = mean((F-P)^2); style = mean((gram-A)^2); "
-                  "tv = mean(dh^2) + mean(dw^2); total = wc*content + ws*style + wtv*tv",
+                  "tv = mean(dh^2) + mean(dw^2); total = wc*sum(layer weight*content) + ws*sum(layer weight*style) "
+                  "+ wtv*tv; the layer weights include the normalisation factors",
     }
 
 

@@ -43,7 +43,7 @@ def test_scale_sizes():
     assert scale_sizes(StylizeSettings(size=512, scales="128,256")) == [128, 256, 512]
     with pytest.raises(InputError, match="increasing"):
         scale_sizes(StylizeSettings(size=512, scales="256,128"))
-    with pytest.raises(InputError, match="larger than --size"):
+    with pytest.raises(InputError, match="larger than the output.s long edge"):
         scale_sizes(StylizeSettings(size=256, scales="128,512"))
     with pytest.raises(InputError, match="bad --scales"):
         scale_sizes(StylizeSettings(size=256, scales="big"))
