@@ -297,9 +297,16 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_recipes(args: argparse.Namespace) -> int:
+    from bench.recipes import RecipeBenchSettings, main_from_args
+
+    return main_from_args(config.from_args(RecipeBenchSettings, args))
+
+
 def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
     """The parser; ``argv`` is only read for a --recipe, whose values become defaults."""
     from bench.quality import QualitySettings
+    from bench.recipes import RecipeBenchSettings
     from bench.run import BenchSettings
     from export import ExportSettings
 
@@ -370,6 +377,12 @@ def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
             description="Render the same image three times: multi-scale and single-scale under one time "
                         "budget, then single-scale for longer, to see when it reaches the multi-scale loss. "
                         "Writes JSON and markdown.")
+
+    command("bench-recipes", RecipeBenchSettings, _cmd_bench_recipes,
+            help="each recipe (--recipe) on the engine against a faithful re-implementation of its original loop",
+            description="Check that the engine and each original loop agree on the first loss, then time both at "
+                        "the recipe's size (round-robin). Writes bench/results/recipes-<device>.{json,md,png}; exits "
+                        "1 if a parity check fails.")
     return parser
 
 

@@ -73,3 +73,34 @@ def test_quick_quality_benchmark(tmp_path, capsys):
         assert data[key]["seconds"] < data["budget_s"] + 2.0  # within the budget (plus a generous margin)
     assert data["single_scale_to_match"]["target_loss"] == data["multi_scale"]["final_loss"]
     assert (tmp_path / "q.md").read_text().startswith("# Quality at equal time")
+
+
+@pytest.mark.slow
+def test_quick_recipe_benchmark_checks_every_original(tmp_path, capsys):
+    """`nst bench-recipes --quick`: each faithful original loop agrees with the engine's
+    recipe on the first loss (rel. 1e-4), and both are timed."""
+    from engine import recipes
+
+    code = main(["-q", "bench-recipes", "--quick", "--device", "cpu", "--out", str(tmp_path), "--name", "rq"])
+    assert code == 0
+    data = json.loads((tmp_path / "rq.json").read_text())
+    assert [r["recipe"] for r in data["rows"]] == list(recipes.RECIPES)
+    for r in data["rows"]:
+        assert r["parity"]["passed"] and r["parity"]["rel_err"] <= 1e-4, r["recipe"]
+        assert r["parity"]["original_first_loss"] > 0
+        assert r["original_steps_per_s"] > 0 and r["engine_steps_per_s"] > 0
+        assert r["original_evals_run"][0] >= 1
+    assert (tmp_path / "rq.md").read_text().startswith("# Recipes")
+    assert (tmp_path / "rq.png").stat().st_size > 1000
+
+
+def test_recipe_benchmark_parity_catches_a_wrong_formula(monkeypatch):
+    """The parity check is not vacuous: a Udacity original whose Gram is twice too large fails it."""
+    import torch
+
+    from bench import originals, recipes as rb
+
+    monkeypatch.setattr(originals.Udacity, "gram_matrix", staticmethod(lambda t: 2 * torch.mm(
+        t.view(t.shape[1], -1), t.view(t.shape[1], -1).t())))
+    rec = rb.bench_recipe("udacity", rb.RecipeBenchSettings(quick=True), torch.device("cpu"))
+    assert not rec["parity"]["passed"] and rec["parity"]["rel_err"] > 0.1

@@ -295,3 +295,38 @@ def test_bad_gif_path_is_one_line_and_no_output(files, capsys, gif, msg):
     err = capsys.readouterr().err
     assert err.count("nst: error:") == 1 and msg in err
     assert not (files / "o.png").exists() and not list(files.glob("*.gif"))
+
+
+# -- the Python API and the C++ host's targets -----------------------------------------
+
+def test_api_takes_a_recipe(drawn):
+    import engine
+
+    content, style = drawn
+    r = engine.stylize(content, style, recipe="lbfgs-normalised", weights="random:0", resize="72x40", steps=2)
+    assert tuple(r.image.shape) == (3, 40, 72) and r.stats.optimizer == "lbfgs" and r.stats.steps_run == 2
+
+
+def test_targets_file_folds_the_normalisation_into_the_layer_weights(tmp_path, export_dir, drawn):
+    """The C++ host computes mean losses; the weights it reads carry the factors."""
+    import json
+
+    from engine.targets_file import EXTRA_NAME, write_targets
+
+    content, style = drawn
+    s = StylizeSettings(extractor=str(export_dir), gram_norm="4n2m2", content_norm="half-sum", reference=True,
+                        resize="64x48", style_layers="relu1_1:0.5,relu3_1", content_layers="relu4_2:2")
+    p = prepare(content, [(style, 1.0)], s)
+    info = write_targets(p, export_dir, tmp_path / "t.pt")
+    # relu4_2: 512 channels at stride 8 -> 6x8; relu1_1: 64 channels; relu3_1: 256 channels.
+    assert info["content_layers"] == [["relu4_2", pytest.approx(2 * 512 * 6 * 8 / 2)]]
+    assert info["style_layers"] == [["relu1_1", pytest.approx(0.5 * 64**2 / 4)],
+                                    ["relu3_1", pytest.approx(256**2 / 4)]]
+    assert info["gram_norm"] == "4n2m2" and info["content_norm"] == "half-sum"
+    files = {EXTRA_NAME: ""}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.load(str(tmp_path / "t.pt"), _extra_files=files)
+    assert json.loads(files[EXTRA_NAME])["style_layers"] == info["style_layers"]

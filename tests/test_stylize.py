@@ -265,3 +265,20 @@ def test_cuda_graph_equals_eager_fast_path():
     e = run(*args, _settings(size=96, steps=12, device="cuda", precision="fp32", cuda_graph=False), extractor=net)
     assert g.stats.cuda_graph and not e.stats.cuda_graph
     torch.testing.assert_close(torch.tensor(g.stats.loss), torch.tensor(e.stats.loss), rtol=1e-3, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_follows_a_learning_rate_schedule():
+    """The captured step reads its rate from a device tensor that set_lr refills: the graph
+    replays follow the step schedule as the eager fast path does (and differ from a
+    constant rate)."""
+    net = build_extractor(W)
+    args = (_smooth(64, 96, 1), [(_img(96, 96, 2), 1.0)])
+    sched = dict(size=96, steps=12, device="cuda", precision="fp32", lr_schedule="step", lr_decay_every=2,
+                 lr_gamma=0.3)
+    g = run(*args, _settings(**sched), extractor=net)
+    e = run(*args, _settings(cuda_graph=False, **sched), extractor=net)
+    c = run(*args, _settings(size=96, steps=12, device="cuda", precision="fp32"), extractor=net)
+    assert g.stats.cuda_graph and not e.stats.cuda_graph
+    torch.testing.assert_close(torch.tensor(g.stats.loss), torch.tensor(e.stats.loss), rtol=1e-3, atol=0)
+    assert abs(g.stats.loss[-1] - c.stats.loss[-1]) > 1e-3 * abs(c.stats.loss[-1])
