@@ -161,7 +161,8 @@ class Udacity(_AdamLoop):
 
     def __init__(self, state, content, style, start, s, inplace: bool = True):
         self.vgg = torchvision_features(state, "vgg19", "max", inplace=inplace, device=content.device)
-        self.layers = {str(i): n for i, n in _index("vgg19", [n for n, _ in s.layer_weights()[0] + s.layer_weights()[1]]).items()}
+        taps = [n for n, _ in s.layer_weights()[0] + s.layer_weights()[1]]
+        self.layers = {str(i): n for i, n in _index("vgg19", taps).items()}  # {'21': 'conv4_2', ...}
         self.content_layer = s.layer_weights()[0][0][0]
         self.style_weights = dict(s.layer_weights()[1])
         self.cw, self.sw = s.content_weight, s.style_weight
@@ -190,7 +191,8 @@ class Udacity(_AdamLoop):
 
     def total_loss(self):
         target_features = self.get_features(self.target)
-        content_loss = torch.mean((target_features[self.content_layer] - self.content_features[self.content_layer]) ** 2)
+        c = self.content_layer
+        content_loss = torch.mean((target_features[c] - self.content_features[c]) ** 2)
         style_loss = 0
         for layer in self.style_weights:
             target_feature = target_features[layer]

@@ -137,7 +137,8 @@ def bench_recipe(name: str, cfg: RecipeBenchSettings, device: torch.device) -> d
         t_orig.append(t / max(1, orig_evals[-1]))
         t_eng.append(_time(p.runner.step, device, engine_steps) / engine_steps)
     o, e = statistics.median(t_orig), statistics.median(t_eng)
-    rec.update(steps_timed=evals, original_evals_run=orig_evals, repeats=repeats, original_steps_per_s=1 / o, engine_steps_per_s=1 / e,
+    rec.update(steps_timed=evals, original_evals_run=orig_evals, repeats=repeats, original_steps_per_s=1 / o,
+               engine_steps_per_s=1 / e,
                speedup=o / e, original_s_per_step=t_orig, engine_s_per_step=t_eng,
                engine_path=f"{p.plan.path} {p.plan.precision} {'channels_last' if p.plan.channels_last else 'NCHW'}"
                f"{' cuda-graph' if p.plan.cuda_graph else ''}")
@@ -150,7 +151,9 @@ def run(cfg: RecipeBenchSettings) -> dict:
         recipes.get(n)
     if cfg.adam_steps < 0 or cfg.repeats < 0:
         raise InputError("--adam-steps and --repeats must be >= 0")
-    dev = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    dev = cfg.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA GPU is available to PyTorch")
     device = torch.device(dev)
@@ -198,6 +201,7 @@ def plot(results: dict, path: Path) -> Path | None:
     names = [f"{r['recipe']} ({r['size'][0]}x{r['size'][1]}, {r['optimizer']})" for r in rows]
     ax.barh(names, [r["speedup"] for r in rows], color="tab:blue")
     ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xlim(0, 1.18 * max(r["speedup"] for r in rows))  # room for the labels
     for i, r in enumerate(rows):
         ax.text(r["speedup"], i, f" {r['speedup']:.2f}x", va="center")
     ax.invert_yaxis()

@@ -107,7 +107,8 @@ def _cmd_stylize(args: argparse.Namespace) -> int:
 
     from .api import required_min_side
     from .fsutil import atomic_write_text
-    from .imageio import GIF_LONG_EDGE, check_gif_path, check_output_path, fit_long_edge, gif_frame, save_gif, save_image
+    from .imageio import (GIF_LONG_EDGE, check_gif_path, check_output_path, fit_long_edge, gif_frame, save_gif,
+                          save_image)
     from .multiscale import budget_margin, render
     from .optimize import NonFiniteLossError
     from .settings import StylizeJob

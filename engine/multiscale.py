@@ -5,10 +5,11 @@ structures, so the expensive full-size steps only refine. Between scales the ima
 upsampled (bicubic) and the targets are recomputed for the new size (the style images at
 the matching scale). The loss weights keep their meaning because every default loss is a
 mean (engine/losses.py); with a sum-based --gram-norm or --content-norm they do not, and
-the balance of content and style shifts between scales. Optimiser state is *not* carried over: L-BFGS's history vectors have
-the old image's dimension, and Adam's moments are per-pixel statistics of the old grid
-whose gradient scale changes with the size (mean-normalised losses give gradients ~1/(H W)
-per pixel), so upsampled moments would be wrong by the area ratio; both start fresh.
+the balance of content and style shifts between scales. Optimiser state is *not* carried
+over: L-BFGS's history vectors have the old image's dimension, and Adam's moments are
+per-pixel statistics of the old grid whose gradient scale changes with the size (mean-
+normalised losses give gradients ~1/(H W) per pixel), so upsampled moments would be
+wrong by the area ratio; both start fresh.
 
 With ``--time-budget``, a planner first measures the setup (targets) and step time at each
 scale with a short calibration, then splits the remaining time: half to the final scale
@@ -64,7 +65,8 @@ def scale_sizes(settings: StylizeSettings) -> list[int]:
     if not sizes or any(v < 1 for v in sizes) or sizes != sorted(set(sizes)):
         raise InputError(f"bad --scales {spec!r}: long edges must be positive and increasing")
     if sizes[-1] > size:
-        raise InputError(f"--scales {spec}: the last scale ({sizes[-1]}) is larger than the output's long edge ({size}, from --size or --resize)")
+        raise InputError(f"--scales {spec}: the last scale ({sizes[-1]}) is larger than the output's long edge "
+                         f"({size}, from --size or --resize)")
     if sizes[-1] < size:
         sizes.append(size)
     return sizes

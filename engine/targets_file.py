@@ -3,7 +3,8 @@
 The file is a TorchScript module that holds tensors as attributes - ``content_<i>`` (one
 per content layer), ``gram_<i>`` (one per style layer, blended), ``init`` (the start image,
 (1, 3, H, W) in [0, 1]) - and describes them in ``extra_files['nst_targets.json']``:
-layer names and weights in order (normalisation factors folded in), the loss weights, the learning rate, the size, and the
+layer names and weights in order (normalisation factors folded in), the loss weights,
+the learning rate, the size, and the
 SHA-256 of the extractor file they were computed with (so a host can refuse a mismatch).
 libtorch reads it with ``torch::jit::load(path, device, extra_files)``.
 """

@@ -171,8 +171,8 @@ def test_gram_norms_match_their_formulas(norm, eager):
         c, m = a.shape[0], a.shape[1] * a.shape[2]
         g, gs = a.reshape(c, m) @ a.reshape(c, m).T, b.reshape(c, m) @ b.reshape(c, m).T
         d2 = (g - gs).square()
-        want += w * {"chw": (d2 / (c * m) ** 2).mean(), "hw": (d2 / m ** 2).mean(), "4n2m2": d2.sum() / (4 * c**2 * m**2),
-                     "raw-chw": d2.mean() / (c * m), "raw": d2.mean()}[norm]
+        want += w * {"chw": (d2 / (c * m) ** 2).mean(), "hw": (d2 / m ** 2).mean(),
+                     "4n2m2": d2.sum() / (4 * c**2 * m**2), "raw-chw": d2.mean() / (c * m), "raw": d2.mean()}[norm]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
 
 
