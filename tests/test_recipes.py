@@ -330,3 +330,18 @@ def test_targets_file_folds_the_normalisation_into_the_layer_weights(tmp_path, e
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.load(str(tmp_path / "t.pt"), _extra_files=files)
     assert json.loads(files[EXTRA_NAME])["style_layers"] == info["style_layers"]
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--lr-gamma", "2"], "--lr-gamma must be in (0, 1]"),
+    (["--lr-decay-every", "0"], "--lr-decay-every must be at least 1"),
+    (["--optimizer", "lbfgs", "--lr-units", "imagenet"], "--lr-units imagenet is for Adam"),
+    (["--gif", "g.gif", "--gif-every", "-1"], "must be >= 0"),
+    (["--recipe", "lbfgs-normalised", "--lr-units", "imagenet"], "--lr-units imagenet is for Adam"),
+])
+def test_bad_recipe_options_are_one_line_and_no_output(files, capsys, extra, msg):
+    extra = [str(files / a) if a.endswith(".gif") else a for a in extra]
+    assert main(_cli(files, "--size", "64", "--steps", "1", *extra)) == 1
+    err = capsys.readouterr().err
+    assert err.count("nst: error:") == 1 and msg in err and "Traceback" not in err
+    assert not (files / "o.png").exists() and not list(files.glob("*.gif"))
