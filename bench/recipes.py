@@ -120,8 +120,7 @@ def bench_recipe(name: str, cfg: RecipeBenchSettings, device: torch.device) -> d
     orig = Original(state, content, style, start, s, inplace=True)
     lbfgs = s.optimizer == "lbfgs"
     calls = 1 if lbfgs else (1 if cfg.quick else cfg.adam_steps or (20 if gpu else 3))
-    evals = calls * orig.evals_per_call
-    engine_steps = evals
+    evals = calls * orig.evals_per_call  # the engine runs as many steps as the original's calls can
     repeats = 1 if cfg.quick else cfg.repeats or (5 if gpu else 4)
     if lbfgs:
         orig.first_loss()  # warm-up: one forward (a whole call would be 20 evaluations)
@@ -135,7 +134,7 @@ def bench_recipe(name: str, cfg: RecipeBenchSettings, device: torch.device) -> d
         t = _time(orig.call, device, calls)
         orig_evals.append(orig.evals - before)
         t_orig.append(t / max(1, orig_evals[-1]))
-        t_eng.append(_time(p.runner.step, device, engine_steps) / engine_steps)
+        t_eng.append(_time(p.runner.step, device, evals) / evals)
     o, e = statistics.median(t_orig), statistics.median(t_eng)
     rec.update(steps_timed=evals, original_evals_run=orig_evals, repeats=repeats, original_steps_per_s=1 / o,
                engine_steps_per_s=1 / e,

@@ -278,10 +278,8 @@ def _recipe_defaults(argv: list[str]) -> dict:
     name = pre.parse_known_args(argv)[0].recipe
     if name not in recipes.RECIPES:
         return {}
-    values = dict(recipes.get(name).values)
-    if any(a == "--size" or a.startswith("--size=") for a in argv):
-        values.pop("resize", None)  # an explicit --size replaces the recipe's exact --resize
-    return values
+    given = {f for f in ("size", "resize") if any(a == f"--{f}" or a.startswith(f"--{f}=") for a in argv)}
+    return recipes.values(name, given)
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:

@@ -36,13 +36,18 @@ def check_output_path(path: str | os.PathLike) -> Path:
         raise InputError(
             f"unknown output extension {shown} for {path}; use one of {', '.join(sorted(set(SAVE_FORMATS)))}"
         )
+    return _check_writable(path, "output")
+
+
+def _check_writable(path: Path, label: str) -> Path:
+    """Refuse a file path that is a directory or whose directory is missing or read-only."""
     if path.is_dir():
-        raise InputError(f"output path {path} is a directory")
+        raise InputError(f"{label} path {path} is a directory")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.exists():
-        raise InputError(f"output directory {parent} does not exist")
+        raise InputError(f"{label} directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise InputError(f"output directory {parent} is not writable")
+        raise InputError(f"{label} directory {parent} is not writable")
     return path
 
 
@@ -159,12 +164,7 @@ def check_gif_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".gif":
         raise InputError(f"--gif {path}: the file name must end in .gif")
-    if path.is_dir():
-        raise InputError(f"--gif {path}: is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise InputError(f"--gif {path}: directory {parent} does not exist or is not writable")
-    return path
+    return _check_writable(path, "--gif")
 
 
 def gif_frame(x: torch.Tensor, hw: tuple[int, int]) -> Image.Image:

@@ -110,12 +110,18 @@ def get(name: str) -> Recipe:
     return RECIPES[name]
 
 
+def values(name: str, given=()) -> dict:
+    """The recipe's field values, given that the user set the fields ``given`` themselves:
+    an explicit size (without a resize) replaces the recipe's exact --resize."""
+    out = dict(get(name).values)
+    if "size" in given and "resize" not in given:
+        out.pop("resize", None)
+    return out
+
+
 def settings(name: str, base: StylizeSettings | None = None, **overrides) -> StylizeSettings:
     """The recipe's settings on top of ``base`` (default settings), then ``overrides``."""
-    values = dict(get(name).values)
-    if "size" in overrides and "resize" not in overrides:
-        values.pop("resize", None)  # an explicit size replaces the recipe's exact --resize
-    s = dataclasses.replace(base or StylizeSettings(), **values)
+    s = dataclasses.replace(base or StylizeSettings(), **values(name, overrides))
     return dataclasses.replace(s, **overrides)
 
 
