@@ -14,24 +14,18 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from engine.weights import Weights
+from .reference import MEAN, STD, torchvision_features
 
+# Written as tutorials write them: vgg19.features indices of the taps, cut after relu5_1.
 TAP_INDEX = {"relu1_1": 1, "relu2_1": 6, "relu3_1": 11, "relu4_1": 20, "relu4_2": 22, "relu5_1": 29}
+CUT = 30
 STYLE = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 CONTENT = "relu4_2"
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
-def torchvision_features(weights: Weights, device) -> torch.nn.Sequential:
-    # torchvision's own layer builder for VGG19 (config "E"), without the 500 MB classifier.
-    from torchvision.models.vgg import cfgs, make_layers
-
-    net = make_layers(cfgs["E"], batch_norm=False)[:30]
-    state = {k: v for k, v in weights.state.items() if int(k.split(".")[0]) < 30}
-    net.load_state_dict(state)
-    net.eval().requires_grad_(False)
-    return net.to(device)
+def vgg19_features(state: dict, device) -> torch.nn.Sequential:
+    """torchvision's VGG19 (config "E") cut after relu5_1, frozen, in-place ReLUs."""
+    return torchvision_features(state, "vgg19", "max", inplace=True, device=device, upto=CUT)
 
 
 class TutorialLoop:

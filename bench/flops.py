@@ -19,24 +19,25 @@ on the content and style images every step does sum_conv F_conv more per extra i
 
 from __future__ import annotations
 
-from engine.layers import layer_by_name, vgg_layers
+from nst.engine.layers import deepest, layer_by_name, layers_upto
+from nst.engine.settings import StylizeSettings
+
+_DEFAULTS = StylizeSettings()
+STYLE_LAYERS = tuple(n for n, _ in _DEFAULTS.layer_weights()[1])  # the engine's default style taps
+DEEPEST = deepest(_DEFAULTS.taps()).name  # relu5_1 by default
 
 
-def conv_forward_flops(h: int, w: int, deepest: str = "relu5_1", network: str = "vgg19") -> int:
+def conv_forward_flops(h: int, w: int, deepest: str = DEEPEST, network: str = "vgg19") -> int:
     """FLOPs of the conv layers up to ``deepest`` for an (h, w) input, forward only."""
-    table = layer_by_name(network)
-    stop = table[deepest].index
     total = 0
-    for layer in vgg_layers(network):
-        if layer.index > stop:
-            break
+    for layer in layers_upto((deepest,), network):
         if layer.kind == "conv":
             oh, ow = h // layer.stride, w // layer.stride
             total += 2 * layer.in_channels * layer.out_channels * 9 * oh * ow
     return total
 
 
-def gram_flops(h: int, w: int, style_layers, network: str = "vgg19") -> int:
+def gram_flops(h: int, w: int, style_layers=STYLE_LAYERS, network: str = "vgg19") -> int:
     """Forward + backward FLOPs of the Gram matrices at ``style_layers``."""
     table = layer_by_name(network)
     total = 0
@@ -47,10 +48,7 @@ def gram_flops(h: int, w: int, style_layers, network: str = "vgg19") -> int:
     return total
 
 
-STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
-
-
-def step_flops(h: int, w: int, extra_forwards: int = 0, deepest: str = "relu5_1",
+def step_flops(h: int, w: int, extra_forwards: int = 0, deepest: str = DEEPEST,
                style_layers=STYLE_LAYERS, network: str = "vgg19") -> int:
     """FLOPs of one step; ``extra_forwards`` counts additional forward passes (naive loop)."""
     f = conv_forward_flops(h, w, deepest, network)

@@ -35,36 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.features import IMAGENET_MEAN, IMAGENET_STD
-from engine.layers import layer_by_name
-
-
-def torchvision_features(state: dict, network: str, pool: str, inplace: bool, device,
-                         trainable: bool = False) -> nn.Sequential:
-    """torchvision's own layer builder (configs "E"/"D"), loaded with ``state``; average
-    pooling swapped in the way blog code does it."""
-    from torchvision.models.vgg import cfgs, make_layers
-
-    net = make_layers(cfgs["E" if network == "vgg19" else "D"], batch_norm=False)
-    for i, m in enumerate(net):
-        if isinstance(m, nn.ReLU):
-            net[i] = nn.ReLU(inplace=inplace)
-        elif isinstance(m, nn.MaxPool2d) and pool == "avg":
-            net[i] = nn.AvgPool2d(kernel_size=2, stride=2)
-    net.load_state_dict(state)
-    net.eval().requires_grad_(trainable)
-    return net.to(device)
-
-
-def _normalise(x):
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def _index(network: str, names) -> dict[int, str]:
-    table = layer_by_name(network)
-    return {table[n].index: n for n in names}
+from .reference import LAYER_NAMES, index_of, normalise, torchvision_features
 
 
 class GatysNotebook:
@@ -91,8 +62,8 @@ class GatysNotebook:
     def vgg(self, x, out_keys):
         # The notebook's forward computes r11 ... p5, every layer, then picks out_keys.
         out = {}
-        h = _normalise(x)
-        names = [layer.name for layer in layer_by_name("vgg19").values()]
+        h = normalise(x)
+        names = LAYER_NAMES["vgg19"]
         for name, layer in zip(names, self.net):
             h = layer(h)
             out[name] = h
@@ -162,16 +133,16 @@ class Udacity(_AdamLoop):
     def __init__(self, state, content, style, start, s, inplace: bool = True):
         self.vgg = torchvision_features(state, "vgg19", "max", inplace=inplace, device=content.device)
         taps = [n for n, _ in s.layer_weights()[0] + s.layer_weights()[1]]
-        self.layers = {str(i): n for i, n in _index("vgg19", taps).items()}  # {'21': 'conv4_2', ...}
+        self.layers = {str(i): n for i, n in index_of(taps).items()}  # {'21': 'conv4_2', ...}
         self.content_layer = s.layer_weights()[0][0][0]
         self.style_weights = dict(s.layer_weights()[1])
         self.cw, self.sw = s.content_weight, s.style_weight
-        content, style = _normalise(content), _normalise(style)
+        content, style = normalise(content), normalise(style)
         with torch.no_grad():
             self.content_features = {k: v.clone() for k, v in self.get_features(content).items()}
             style_features = self.get_features(style)
             self.style_grams = {layer: self.gram_matrix(style_features[layer]) for layer in self.style_weights}
-        self.target = _normalise(start).clone().requires_grad_(True)
+        self.target = normalise(start).clone().requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.target], lr=s.lr)  # 0.003 on the normalised tensor
 
     def get_features(self, image):
@@ -209,10 +180,10 @@ class PlainAdam(_AdamLoop):
 
     def __init__(self, state, content, style, start, s, inplace: bool = True):
         chosen = [n for n, _ in s.layer_weights()[1]]
-        deepest = max(layer_by_name("vgg19")[n].index for n in chosen)
+        deepest = max(index_of(chosen))
         # vgg19(...).features[:29], weights NOT frozen (the original never freezes them).
         self.model = torchvision_features(state, "vgg19", "max", inplace, content.device, trainable=True)[:deepest + 1]
-        self.chosen = {str(i) for i in _index("vgg19", chosen)}
+        self.chosen = {str(i) for i in index_of(chosen)}
         self.original_img, self.style_img = content, style
         self.generated = start.clone().requires_grad_(True)
         self.alpha, self.beta = s.content_weight, s.style_weight
@@ -220,7 +191,7 @@ class PlainAdam(_AdamLoop):
 
     def features(self, x):
         out = []
-        x = _normalise(x)
+        x = normalise(x)
         for layer_num, layer in enumerate(self.model):
             x = layer(x)
             if str(layer_num) in self.chosen:
@@ -247,7 +218,7 @@ class VGG16Blog(_AdamLoop):
     def __init__(self, state, content, style, start, s, inplace: bool = True):
         self.vgg = torchvision_features(state, "vgg16", "avg", inplace, content.device)
         content_layers, style_layers = s.layer_weights()
-        self.idx = _index("vgg16", [n for n, _ in content_layers + style_layers])
+        self.idx = index_of([n for n, _ in content_layers + style_layers], "vgg16")
         self.last = max(self.idx)
         self.content_layer = content_layers[0][0]
         self.style_w = dict(style_layers)
@@ -261,7 +232,7 @@ class VGG16Blog(_AdamLoop):
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=s.lr_decay_every, gamma=s.lr_gamma)
 
     def get_features(self, x):
-        feats, h = {}, _normalise(x)
+        feats, h = {}, normalise(x)
         for i, layer in enumerate(self.vgg):
             h = layer(h)
             if i in self.idx:
@@ -298,7 +269,7 @@ class VGG16Blog(_AdamLoop):
 
 class _Normalization(nn.Module):
     def forward(self, img):
-        return _normalise(img)
+        return normalise(img)
 
 
 class _ContentLoss(nn.Module):
@@ -338,7 +309,7 @@ class PyTorchTutorial:
         cnn = torchvision_features(state, "vgg19", "max", inplace=False, device=content.device)
         content_layers = [n for n, _ in s.layer_weights()[0]]
         style_layers = [n for n, _ in s.layer_weights()[1]]
-        names = [layer.name for layer in layer_by_name("vgg19").values()]
+        names = LAYER_NAMES["vgg19"]
         model = nn.Sequential(_Normalization())
         self.content_losses, self.style_losses = [], []
         for name, layer in zip(names, cnn):

@@ -18,20 +18,19 @@ from pathlib import Path
 
 import torch
 
-from engine.config import option
-from engine.errors import NSTError
-from engine.features import build_extractor
-from engine.fsutil import atomic_write_text
-from engine.imageio import load_image, pil_to_tensor
-from engine.multiscale import render
-from engine.settings import StylizeSettings
+from nst.engine.device import resolve_device
+from nst.engine.errors import NSTError
+from nst.engine.features import build_extractor
+from nst.engine.fsutil import atomic_write_text
+from nst.engine.multiscale import render
+from nst.engine.settings import StylizeSettings, option
+
+from .inputs import content_and_style
 
 log = logging.getLogger("nst")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "images"
 
-
-@dataclass
+@dataclass(frozen=True)
 class QualitySettings:
     size: int = option(0, help="final long edge in px (default: 512 on CPU, 2048 on GPU)")
     budget: float = option(0.0, help="seconds per render (default: 60 on CPU, 30 on GPU)")
@@ -40,38 +39,25 @@ class QualitySettings:
     match_factor: float = option(3.0, help="how many budgets the single-scale matching run may take")
     device: str = option("auto", help="auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     weights: str = option("random:0", help="weights spec", metavar="SPEC")
-    content: str | None = option(None, help="content image (default: ../shared/images/content/astronaut.png if "
-                                 "present, else the demo's drawing)", metavar="FILE")
-    style: str | None = option(None, help="style image (default: ../shared/images/style/starry_night.jpg if present, "
-                               "else the demo's drawing)", metavar="FILE")
+    content: str | None = option(None, help="content image (default: the demo's drawing)", metavar="FILE")
+    style: str | None = option(None, help="style image (default: the demo's drawing)", metavar="FILE")
     out: str = option("bench/results", help="directory for the JSON and markdown", metavar="DIR")
     name: str | None = option(None, help="file stem (default: quality-<device>)")
     quick: bool = option(False, help="tiny size and budget: proves the script works, measures nothing")
 
-
-def _images(cfg: QualitySettings):
-    from engine.demo import make_content, make_style
-
-    def pick(given, shared, fallback):
-        if given:
-            return load_image(given), given
-        if shared.is_file():
-            return load_image(shared), str(shared)
-        return pil_to_tensor(fallback()), "demo drawing"
-
-    c, c_src = pick(cfg.content, SHARED / "content" / "astronaut.png", make_content)
-    s, s_src = pick(cfg.style, SHARED / "style" / "starry_night.jpg", lambda: make_style(seed=1))
-    return c, s, c_src, s_src
+    def __post_init__(self) -> None:
+        if self.budget < 0 or self.size < 0:
+            raise NSTError("--budget and --size must be positive")
 
 
 def run_quality(cfg: QualitySettings) -> dict:
-    gpu = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
-    device = "cuda" if gpu else "cpu"
+    device = resolve_device(cfg.device).type
+    gpu = device == "cuda"
     if cfg.quick:
         cfg = dataclasses.replace(cfg, size=cfg.size or 128, budget=cfg.budget or 7.0, scales="64",
                                   match_factor=min(cfg.match_factor, 1.5))
     cfg = dataclasses.replace(cfg, size=cfg.size or (2048 if gpu else 512), budget=cfg.budget or (30.0 if gpu else 60.0))
-    content, style, c_src, s_src = _images(cfg)
+    content, style, c_src, s_src = content_and_style(cfg.content, cfg.style)
     net = build_extractor(cfg.weights)
     base = StylizeSettings(size=cfg.size, device=device, weights=cfg.weights, steps=10**6, progress_every=10)
     results = {"size": cfg.size, "budget_s": cfg.budget, "device": device, "weights": cfg.weights,
@@ -140,8 +126,6 @@ def markdown(r: dict) -> str:
 
 
 def main_from_args(cfg: QualitySettings) -> int:
-    if cfg.budget < 0 or cfg.size < 0:
-        raise NSTError("--budget and --size must be positive")
     r = run_quality(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

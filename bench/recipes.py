@@ -28,16 +28,19 @@ from pathlib import Path
 
 import torch
 
-from engine import recipes
-from engine.config import option
-from engine.errors import InputError, NSTError
-from engine.fsutil import atomic_write_text
-from engine.imageio import pil_to_tensor, resize_to
-from engine.optimize import prepare, sync
-from engine.weights import resolve_weights
+from nst.engine import recipes
+from nst.engine.demo import make_content, make_style
+from nst.engine.device import resolve_device, sync
+from nst.engine.errors import InputError, NSTError
+from nst.engine.fsutil import atomic_write_text
+from nst.engine.imageio import pil_to_tensor, resize_to
+from nst.engine.session import prepare
+from nst.engine.settings import option
+from nst.engine.weights import resolve_weights
 
 from .originals import ORIGINALS
-from .run import environment, _slug
+from .probes import environment, slug
+from .report import pyplot
 
 log = logging.getLogger("nst")
 
@@ -54,7 +57,7 @@ WHAT = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class RecipeBenchSettings:
     recipes: tuple[str, ...] = option((), help="recipes to run (default: all)", metavar="NAME")
     adam_steps: int = option(0, help="timed steps per repeat for Adam recipes (default: 3 on CPU, 20 on GPU); "
@@ -69,8 +72,6 @@ class RecipeBenchSettings:
 
 
 def _inputs(s, quick: bool):
-    from engine.demo import make_content, make_style
-
     content = pil_to_tensor(make_content())  # (3, 240, 320)
     if quick:
         hw = s.resize_hw()
@@ -126,7 +127,7 @@ def bench_recipe(name: str, cfg: RecipeBenchSettings, device: torch.device) -> d
         orig.first_loss()  # warm-up: one forward (a whole call would be 20 evaluations)
     else:
         orig.call()
-    p.runner.step()
+    p.stepper.step()
     t_orig, t_eng, orig_evals = [], [], []
     for r in range(repeats):
         log.info("%s: repeat %d/%d", name, r + 1, repeats)
@@ -134,7 +135,7 @@ def bench_recipe(name: str, cfg: RecipeBenchSettings, device: torch.device) -> d
         t = _time(orig.call, device, calls)
         orig_evals.append(orig.evals - before)
         t_orig.append(t / max(1, orig_evals[-1]))
-        t_eng.append(_time(p.runner.step, device, evals) / evals)
+        t_eng.append(_time(p.stepper.step, device, evals) / evals)
     o, e = statistics.median(t_orig), statistics.median(t_eng)
     rec.update(steps_timed=evals, original_evals_run=orig_evals, repeats=repeats, original_steps_per_s=1 / o,
                engine_steps_per_s=1 / e,
@@ -150,12 +151,7 @@ def run(cfg: RecipeBenchSettings) -> dict:
         recipes.get(n)
     if cfg.adam_steps < 0 or cfg.repeats < 0:
         raise InputError("--adam-steps and --repeats must be >= 0")
-    dev = cfg.device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA GPU is available to PyTorch")
-    device = torch.device(dev)
+    device = resolve_device(cfg.device)
     rows = []
     for n in names:
         log.info("recipe %s", n)
@@ -187,13 +183,9 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot")
+    """The engine's speed-up over each original loop, as bars."""
+    plt = pyplot()
+    if plt is None:
         return None
     rows = results["rows"]
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2))
@@ -216,7 +208,7 @@ def main_from_args(cfg: RecipeBenchSettings) -> int:
     results = run(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = cfg.name or "recipes-" + _slug(results["environment"]["device"])
+    stem = cfg.name or "recipes-" + slug(results["environment"]["device"])
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
     atomic_write_text(paths[0], json.dumps(results, indent=1, default=float) + "\n")
     atomic_write_text(paths[1], markdown(results))

@@ -16,11 +16,9 @@ def _x(v):
     return f"{v:.2f}x" if v else "-"
 
 
-def markdown(results: dict) -> str:
-    env = results["environment"]
-    cfg = results["settings"]
-    peaks = results["peaks_flops"]
-    lines = [
+def _header(results: dict) -> list[str]:
+    env, cfg, peaks = results["environment"], results["settings"], results["peaks_flops"]
+    return [
         f"# nst benchmark: {env['device']}",
         "",
         f"{env['date']}; torch {env['torch']}, torchvision {env.get('torchvision')}, onnxruntime "
@@ -32,75 +30,92 @@ def markdown(results: dict) -> str:
         + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()) + ".",
         "",
     ]
-    for size, entry in results["sizes"].items():
-        lines += [f"## {size} x {size} px", "",
-                  "| row | dtype | layout | steps/s | ms/step | TFLOP/s | % of peak | peak mem | vs naive | vs eager |",
-                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in entry["rows"]:
-            if not r.get("applicable", True):
-                lines.append(f"| {r['label']} | n/a | | | | | | | | {r.get('reason', '')} |")
-                continue
-            if r.get("oom"):
-                lines.append(f"| {r['label']} | | | out of memory | | | | | | |")
-                continue
-            pf = f"{100 * r['peak_fraction']:.0f}% {r.get('peak_key', '')}" if r.get("peak_fraction") else "-"
-            lines.append(
-                f"| {r['label']} | {r.get('dtype', '')} | {r.get('memory_format', '')} | {r['steps_per_s']:.3f} | "
-                f"{r['ms_per_step']:.1f} | {r['tflops']:.3f} | {pf} | {_mb(r.get('peak_mem_bytes'))} | "
-                f"{_x(r.get('speedup_vs_naive'))} | {_x(r.get('speedup_vs_eager'))} |"
-            )
-        capt = [r for r in entry["rows"] if r.get("capture_s")]
-        if capt:
-            lines.append("")
-            lines.append("CUDA graph capture (not in the timings): " +
-                         ", ".join(f"{r['label']} {r['capture_s'] * 1e3:.0f} ms" for r in capt))
-        o = entry.get("onnx_targets")
-        if o and "error" not in o:
-            lines += ["", f"Targets (one forward at content size + one at style size): eager PyTorch on "
-                      f"{o['eager_device']} {o['eager_ms']:.1f} ms, ONNX Runtime ({o['onnxruntime_provider']}) "
-                      f"{o['onnxruntime_ms']:.1f} ms ({o['onnxruntime_vs_eager']:.2f}x eager)."]
-        elif o:
-            lines += ["", f"ONNX Runtime timing failed: {o['error']}"]
-        lines.append("")
+
+
+def _row_line(r: dict) -> str:
+    if not r.get("applicable", True):
+        return f"| {r['label']} | n/a | | | | | | | | {r.get('reason', '')} |"
+    if r.get("oom"):
+        return f"| {r['label']} | | | out of memory | | | | | | |"
+    pf = f"{100 * r['peak_fraction']:.0f}% {r.get('peak_key', '')}" if r.get("peak_fraction") else "-"
+    return (f"| {r['label']} | {r.get('dtype', '')} | {r.get('memory_format', '')} | {r['steps_per_s']:.3f} | "
+            f"{r['ms_per_step']:.1f} | {r['tflops']:.3f} | {pf} | {_mb(r.get('peak_mem_bytes'))} | "
+            f"{_x(r.get('speedup_vs_naive'))} | {_x(r.get('speedup_vs_eager'))} |")
+
+
+def _size_section(size: str, entry: dict) -> list[str]:
+    lines = [f"## {size} x {size} px", "",
+             "| row | dtype | layout | steps/s | ms/step | TFLOP/s | % of peak | peak mem | vs naive | vs eager |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [_row_line(r) for r in entry["rows"]]
+    capt = [r for r in entry["rows"] if r.get("capture_s")]
+    if capt:
+        lines += ["", "CUDA graph capture (not in the timings): " +
+                  ", ".join(f"{r['label']} {r['capture_s'] * 1e3:.0f} ms" for r in capt)]
+    o = entry.get("onnx_targets")
+    if o and "error" not in o:
+        lines += ["", f"Targets (one forward at content size + one at style size): eager PyTorch on "
+                  f"{o['eager_device']} {o['eager_ms']:.1f} ms, ONNX Runtime ({o['onnxruntime_provider']}) "
+                  f"{o['onnxruntime_ms']:.1f} ms ({o['onnxruntime_vs_eager']:.2f}x eager)."]
+    elif o:
+        lines += ["", f"ONNX Runtime timing failed: {o['error']}"]
+    return lines + [""]
+
+
+def _goals_section(results: dict) -> list[str]:
     t = results.get("targets") or {}
-    if t:
-        lines += ["## Targets", "", "| target | wanted | got | met |", "| --- | ---: | ---: | --- |"]
-        for k, v in t.items():
-            got = "-" if v["got"] is None else f"{v['got']:.2f}"
-            margin = "" if v["margin"] is None else f" ({100 * v['margin']:+.0f}%)"
-            lines.append(f"| {k} | {v['target']:.2f} | {got} | {'yes' if v['met'] else 'no'}{margin} |")
-        lines.append("")
-        missed = [k for k, v in t.items() if not v["met"]]
-        prof = results.get("profile")
-        if missed and prof and "error" not in prof:
-            peak = max(results["peaks_flops"].values())
-            g = prof["groups"]
-
-            def eff(name):
-                fl = g[name].get("flops_per_s")
-                return f"{100 * fl / peak:.0f}% of peak" if fl else "n/a"
-
-            lines += [f"Missed: {', '.join(missed)}. What is in the way, from the profile at {prof['size']} px: "
-                      f"convolutions take {100 * (g['convolution forward']['share'] + g['convolution backward']['share']):.0f}% "
-                      f"of the time and run at {eff('convolution forward')} (forward) and "
-                      f"{eff('convolution backward')} (input gradient); the Gram matmuls take "
-                      f"{100 * g['Gram matmuls']['share']:.0f}% at {eff('Gram matmuls')} (a C x C output from a long "
-                      f"M = H*W reduction parallelises poorly); everything else (ReLU, pooling, their backward, "
-                      f"losses, Adam: memory-bound) takes {100 * g['other']['share']:.0f}%.", ""]
+    if not t:
+        return []
+    lines = ["## Targets", "", "| target | wanted | got | met |", "| --- | ---: | ---: | --- |"]
+    for k, v in t.items():
+        got = "-" if v["got"] is None else f"{v['got']:.2f}"
+        margin = "" if v["margin"] is None else f" ({100 * v['margin']:+.0f}%)"
+        lines.append(f"| {k} | {v['target']:.2f} | {got} | {'yes' if v['met'] else 'no'}{margin} |")
+    lines.append("")
+    missed = [k for k, v in t.items() if not v["met"]]
     prof = results.get("profile")
-    if prof and "error" not in prof:
+    if missed and prof and "error" not in prof:
         peak = max(results["peaks_flops"].values())
-        lines += [f"## Where the time goes: engine defaults at {prof['size']} px ({prof['clock']}, "
-                  f"{prof['steps_profiled']} steps)", "",
-                  "| group | ms/step | share | achieved TFLOP/s | of best matmul peak |", "| --- | ---: | ---: | ---: | ---: |"]
-        for g, v in prof["groups"].items():
-            fl = v.get("flops_per_s")
-            lines.append(f"| {g} | {v['s_per_step'] * 1e3:.1f} | {100 * v['share']:.0f}% | "
-                         f"{'-' if not fl else f'{fl / 1e12:.3f}'} | {'-' if not fl else f'{100 * fl / peak:.0f}%'} |")
-        lines += ["", "Top operators: " + "; ".join(f"{o['name']} {100 * o['share']:.0f}%" for o in prof["top_ops"][:8]),
-                  ""]
-    elif prof:
-        lines += [f"Profile failed: {prof['error']}", ""]
+        g = prof["groups"]
+
+        def eff(name):
+            fl = g[name].get("flops_per_s")
+            return f"{100 * fl / peak:.0f}% of peak" if fl else "n/a"
+
+        conv_share = g["convolution forward"]["share"] + g["convolution backward"]["share"]
+        lines += [f"Missed: {', '.join(missed)}. What is in the way, from the profile at {prof['size']} px: "
+                  f"convolutions take {100 * conv_share:.0f}% of the time and run at {eff('convolution forward')} "
+                  f"(forward) and {eff('convolution backward')} (input gradient); the Gram matmuls take "
+                  f"{100 * g['Gram matmuls']['share']:.0f}% at {eff('Gram matmuls')} (a C x C output from a long "
+                  f"M = H*W reduction parallelises poorly); everything else (ReLU, pooling, their backward, "
+                  f"losses, Adam: memory-bound) takes {100 * g['other']['share']:.0f}%.", ""]
+    return lines
+
+
+def _profile_section(results: dict) -> list[str]:
+    prof = results.get("profile")
+    if not prof:
+        return []
+    if "error" in prof:
+        return [f"Profile failed: {prof['error']}", ""]
+    peak = max(results["peaks_flops"].values())
+    lines = [f"## Where the time goes: engine defaults at {prof['size']} px ({prof['clock']}, "
+             f"{prof['steps_profiled']} steps)", "",
+             "| group | ms/step | share | achieved TFLOP/s | of best matmul peak |", "| --- | ---: | ---: | ---: | ---: |"]
+    for g, v in prof["groups"].items():
+        fl = v.get("flops_per_s")
+        lines.append(f"| {g} | {v['s_per_step'] * 1e3:.1f} | {100 * v['share']:.0f}% | "
+                     f"{'-' if not fl else f'{fl / 1e12:.3f}'} | {'-' if not fl else f'{100 * fl / peak:.0f}%'} |")
+    return lines + ["", "Top operators: " + "; ".join(f"{o['name']} {100 * o['share']:.0f}%"
+                                                       for o in prof["top_ops"][:8]), ""]
+
+
+def markdown(results: dict) -> str:
+    """The benchmark's results as a markdown page: one table per size, goals, profile."""
+    lines = _header(results)
+    for size, entry in results["sizes"].items():
+        lines += _size_section(size, entry)
+    lines += _goals_section(results) + _profile_section(results)
     notes = results.get("notes")
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
@@ -110,7 +125,8 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path: Path) -> Path | None:
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (with a warning) when it is missing."""
     try:
         import matplotlib
 
@@ -118,6 +134,14 @@ def plot(results: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         log.warning("matplotlib is not installed: no plot (pip install 'nst[bench]')")
+        return None
+    return plt
+
+
+def plot(results: dict, path: Path) -> Path | None:
+    """Steps/s against size, one line per row."""
+    plt = pyplot()
+    if plt is None:
         return None
     series: dict[str, list[tuple[int, float]]] = {}
     for size, entry in results["sizes"].items():

@@ -1,5 +1,5 @@
-"""The Python API: ``engine.stylize(content, style, ...)`` does what ``nst stylize`` does,
-without the command line. Inputs may be paths, PIL images or tensors (3, H, W) in [0, 1].
+"""The Python API: ``nst.engine.stylize(content, style, ...)`` does what ``nst stylize``
+does, without the command line. Inputs may be paths, PIL images or tensors (3, H, W) in [0, 1].
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from PIL import Image
 
 from .imageio import load_image, pil_to_tensor
 from .layers import min_side as _min_side
+from .loop import Callback, chain
 from .multiscale import render
-from .optimize import Result
+from .progress import ProgressBar
 from .settings import StylizeSettings
+from .stats import Result
 
 INIT_KEYWORDS = ("content", "noise", "style")
 
@@ -39,13 +41,14 @@ def required_min_side(settings: StylizeSettings) -> int:
 
 
 def stylize(content, style, settings: StylizeSettings | None = None, extractor=None, progress: bool = False,
-            recipe: str | None = None, **overrides) -> Result:
+            recipe: str | None = None, callback: Callback | None = None, **overrides) -> Result:
     """Stylise ``content`` with ``style``.
 
     ``style`` is one image, or a list of images or ``(image, weight)`` pairs (weights are
     relative). ``recipe`` names a configuration of engine/recipes.py, applied over
     ``settings``; ``overrides`` set StylizeSettings fields (``steps=100, size=256``...) last.
-    Returns a :class:`engine.optimize.Result`: ``.image`` (3, H, W) and ``.stats``.
+    ``progress`` draws a progress bar; ``callback(StepInfo)`` is called after every step.
+    Returns a :class:`nst.engine.stats.Result`: ``.image`` (3, H, W) and ``.stats``.
     """
     if recipe is not None:
         from .recipes import settings as recipe_settings
@@ -63,4 +66,10 @@ def stylize(content, style, settings: StylizeSettings | None = None, extractor=N
     init = settings.init
     if isinstance(init, str) and init not in INIT_KEYWORDS:
         init = as_image(init, "init image", need)
-    return render(content_t, styles, settings, extractor=extractor, init=init, progress=progress)
+    bar = ProgressBar() if progress else None
+    try:
+        return render(content_t, styles, settings, extractor=extractor, init=init, callback=chain(bar, callback))
+    finally:
+        if bar is not None:
+            bar.close()
+

@@ -1,4 +1,4 @@
-"""``nst demo``: the main job end to end with no arguments and no network.
+"""Images the project draws itself, for ``nst demo`` and the benchmarks: no files, no network.
 
 The content and style images are drawn here, from code, with a seeded RNG: a landscape
 (sky, sun, mountains, lake, house, trees) and a swirling "night sky" painting. Nothing is

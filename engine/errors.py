@@ -28,3 +28,11 @@ class ExportError(NSTError):
 
 class ManifestError(NSTError):
     """An export directory's manifest is missing, malformed or does not match."""
+
+
+class NonFiniteLossError(NSTError):
+    """The loss became NaN or Inf. ``result`` holds the last good image, if any."""
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result  # engine.stats.Result | None

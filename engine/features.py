@@ -12,6 +12,7 @@ Contract (also written into every export manifest):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections import OrderedDict
 
@@ -19,12 +20,9 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .layers import DEFAULT_TAPS, layer_by_name, min_side, parse_taps, vgg_layers
+from .layers import (DEFAULT_TAPS, IMAGENET_MEAN, IMAGENET_STD, POOLS, deepest, layer_by_name, layers_upto, min_side,
+                     parse_taps)
 from .weights import Weights, resolve_weights
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-POOLS = ("max", "avg")
 
 
 class VGGFeatures(nn.Module):
@@ -38,6 +36,8 @@ class VGGFeatures(nn.Module):
             pooling gives smoother results; the weights are the same).
     """
 
+    can_checkpoint = True  # the engine may recompute its blocks in the backward (engine/memory.py)
+
     def __init__(self, weights: Weights, taps=DEFAULT_TAPS, pool: str = "max"):
         super().__init__()
         if pool not in POOLS:
@@ -50,10 +50,9 @@ class VGGFeatures(nn.Module):
         self.weights_info = weights.info()
 
         table = layer_by_name(network)
-        deepest = max(table[t].index for t in self.taps)
-        self.cut_after = vgg_layers(network)[deepest].name
+        self.cut_after = deepest(self.taps, network).name
         layers: OrderedDict[str, nn.Module] = OrderedDict()
-        for layer in vgg_layers(network)[: deepest + 1]:
+        for layer in layers_upto(self.taps, network):
             if layer.kind == "conv":
                 conv = nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=1)
                 with torch.no_grad():
@@ -103,6 +102,21 @@ class VGGFeatures(nn.Module):
             self.channels_last = bool(channels_last)
             self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return self
+
+    def placed(self, device: torch.device | str, channels_last: bool, checkpoint: bool = False,
+               owned: bool = False) -> "VGGFeatures":
+        """This network on ``device`` in the given layout: ``self`` when nothing would change,
+        else a copy (or ``self`` converted, when ``owned``: the engine's own copy already).
+        The engine never moves, casts or flags a module a caller handed it."""
+        device = torch.device(device)
+        same = (self.mean.device == device or (device.index is None and self.mean.device.type == device.type))
+        if same and self.channels_last == channels_last and self.checkpoint == checkpoint:
+            return self
+        net = self if owned else copy.deepcopy(self)
+        net.to(device)
+        net.to_format(channels_last=channels_last)
+        net.checkpoint = checkpoint
+        return net
 
     def train(self, mode: bool = True):
         # Always in eval mode: there is nothing to train, and exporters warn otherwise.
@@ -193,7 +207,5 @@ def build_extractor(
     """Resolve ``weights`` (a spec or a Weights) and build the eager extractor."""
     tap_names = parse_taps(taps, network)
     if not isinstance(weights, Weights):
-        table = layer_by_name(network)
-        deepest = max(tap_names, key=lambda t: table[t].index)
-        weights = resolve_weights(weights, network, upto=deepest)
+        weights = resolve_weights(weights, network, upto=deepest(tap_names, network).name)
     return VGGFeatures(weights, tap_names, pool)

@@ -36,10 +36,10 @@ def check_output_path(path: str | os.PathLike) -> Path:
         raise InputError(
             f"unknown output extension {shown} for {path}; use one of {', '.join(sorted(set(SAVE_FORMATS)))}"
         )
-    return _check_writable(path, "output")
+    return check_writable(path, "output")
 
 
-def _check_writable(path: Path, label: str) -> Path:
+def check_writable(path: Path, label: str) -> Path:
     """Refuse a file path that is a directory or whose directory is missing or read-only."""
     if path.is_dir():
         raise InputError(f"{label} path {path} is a directory")
@@ -150,13 +150,6 @@ def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[0] if squeeze else x
 
 
-def fit_long_edge(hw: tuple[int, int], long_edge: int) -> tuple[int, int]:
-    """(H, W) scaled so that max(H, W) == long_edge, aspect ratio kept (rounded)."""
-    h, w = hw
-    scale = long_edge / max(h, w)
-    return max(1, round(h * scale)), max(1, round(w * scale))
-
-
 GIF_LONG_EDGE = 512  # frames are scaled down to this long edge: a GIF of full 2048 px frames is unwieldy
 
 
@@ -164,7 +157,7 @@ def check_gif_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".gif":
         raise InputError(f"--gif {path}: the file name must end in .gif")
-    return _check_writable(path, "--gif")
+    return check_writable(path, "--gif")
 
 
 def gif_frame(x: torch.Tensor, hw: tuple[int, int]) -> Image.Image:

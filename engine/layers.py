@@ -1,9 +1,12 @@
-"""Names of the VGG layers, as in the paper, mapped to torchvision's indices.
+"""THE table of the VGG networks: layer names as in the paper, torchvision indices,
+channels, strides, blocks, and the input convention (ImageNet mean and std).
 
 torchvision's ``vgg19().features`` is a flat ``nn.Sequential``; the style-transfer
 literature names its layers ``conv<block>_<n>``, ``relu<block>_<n>`` and ``pool<block>``.
-This module is the single place where one is turned into the other. A test checks the
-table against torchvision's own layer list.
+This module is the single place where one is turned into the other, and everything that
+depends on the network's shape (the extractor, weights checks, the memory plan, FLOP
+counts, benchmarks, exports) derives from it. A test checks the table against
+torchvision's own layer list. No torch import: the settings and the CLI read it cheaply.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ _CONVS_PER_BLOCK = {
 _BLOCK_CHANNELS = (64, 128, 256, 512, 512)
 
 NETWORKS = tuple(_CONVS_PER_BLOCK)
+POOLS = ("max", "avg")  # torchvision's max pooling, or Gatys et al.'s average pooling
+
+# torchvision's ImageNet input normalisation (RGB, values in [0, 1]): every VGG checkpoint
+# it publishes was trained on (x - mean) / std.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # The taps the engine uses by default: content at relu4_2, style at relu1_1..relu5_1
 # (Gatys et al. 2016). Output order is always network depth order.
@@ -81,6 +90,39 @@ def parse_taps(taps: str | tuple[str, ...] | list[str], network: str = "vgg19") 
     return tuple(sorted(set(names), key=lambda n: table[n].index))
 
 
+def parse_layer_weights(spec, network: str = "vgg19") -> tuple[tuple[str, float], ...]:
+    """'relu1_1:1,relu2_1:0.75,relu3_1' -> (('relu1_1', 1.0), ('relu2_1', 0.75), ('relu3_1', 1.0)).
+
+    A layer without ``:WEIGHT`` weighs 1. Layers are returned in network depth order.
+    """
+    items = spec.split(",") if isinstance(spec, str) else [s for item in spec for s in str(item).split(",")]
+    weights: dict[str, float] = {}
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        name, _, w = item.partition(":")
+        try:
+            weight = float(w) if w else 1.0
+        except ValueError:
+            raise InputError(f"bad layer weight in {item!r}: write LAYER or LAYER:WEIGHT, e.g. relu2_1:0.75") from None
+        if not weight >= 0 or weight == float("inf"):
+            raise InputError(f"bad layer weight in {item!r}: must be a finite number >= 0")
+        weights[name.strip()] = weight
+    ordered = parse_taps(tuple(weights), network)  # validates names, sorts by depth
+    return tuple((name, weights[name]) for name in ordered)
+
+
+def deepest(taps, network: str = "vgg19") -> Layer:
+    """The deepest of ``taps``: where the network is cut."""
+    table = layer_by_name(network)
+    return max((table[t] for t in taps), key=lambda layer: layer.index)
+
+
+def layers_upto(taps, network: str = "vgg19") -> tuple[Layer, ...]:
+    """The layers up to and including the deepest of ``taps``: what the extractor runs."""
+    return vgg_layers(network)[: deepest(taps, network).index + 1]
+
+
 def min_side(taps: tuple[str, ...], network: str = "vgg19") -> int:
     """Smallest input height/width for which every tap is at least 2x2.
 
@@ -88,5 +130,4 @@ def min_side(taps: tuple[str, ...], network: str = "vgg19") -> int:
     tap: a 1x1 map makes the style Gram a single outer product and lets ``torch.export``
     specialise the size-1 case, so the same minimum holds for every artefact.
     """
-    deepest = max(layer_by_name(network)[t].stride for t in taps)
-    return 2 * deepest
+    return 2 * max(layer_by_name(network)[t].stride for t in taps)

@@ -6,6 +6,8 @@ Both paths give a module with the same interface as :class:`engine.features.VGGF
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from pathlib import Path
 
@@ -16,7 +18,16 @@ from .errors import InputError, ManifestError
 from .features import VGGFeatures, build_extractor
 from .fsutil import sha256_file
 from .layers import DEFAULT_TAPS, parse_taps
-from .manifest import TORCHSCRIPT_NAME, read_manifest
+from .manifest import read_manifest
+
+
+@contextlib.contextmanager
+def quiet_jit():
+    """Silence torch 2.14's deprecation warnings for torch.jit.save/load/trace/script:
+    TorchScript is still the one format a C++ host can differentiate through."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
+        yield
 
 
 class ScriptedExtractor(nn.Module):
@@ -25,6 +36,8 @@ class ScriptedExtractor(nn.Module):
     Returns only the taps asked for, in depth order, so a file exported with more taps
     than a caller needs still fits.
     """
+
+    can_checkpoint = False  # a traced graph cannot recompute its blocks
 
     def __init__(self, scripted: torch.jit.ScriptModule, manifest: dict, taps: tuple[str, ...]):
         super().__init__()
@@ -47,6 +60,36 @@ class ScriptedExtractor(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         VGGFeatures.check_input(self, x)  # same rules, same messages
+
+    def placed(self, device: torch.device | str, channels_last: bool, checkpoint: bool = False,
+               owned: bool = False) -> "ScriptedExtractor":
+        """This extractor on ``device``, with channels-last conv weights when asked: ``self``
+        when nothing would change, else a copy (or ``self`` converted, when ``owned``). The
+        copy goes through TorchScript's own serialisation: ScriptModules do not deep-copy
+        reliably."""
+        device = torch.device(device)
+        weights = [p for p in self.scripted.parameters() if p.dim() == 4]
+        here = weights[0].device if weights else device
+        same_device = here == device or (device.index is None and here.type == device.type)
+        same_format = all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in weights)
+        if checkpoint:
+            raise InputError("a TorchScript extractor cannot recompute its blocks (activation checkpointing)")
+        if same_device and same_format:
+            return self
+        scripted = self.scripted
+        if not owned:
+            buf = io.BytesIO()
+            with quiet_jit():
+                torch.jit.save(self.scripted, buf)
+                buf.seek(0)
+                scripted = torch.jit.load(buf, map_location=device)
+            scripted.eval()
+        scripted.to(device)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        for p in scripted.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=fmt)
+        return ScriptedExtractor(scripted, self.manifest, self.taps) if not owned else self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # x: (N, 3, H, W), RGB in [0, 1]
@@ -97,8 +140,7 @@ def load_export(
             f"{path}: SHA-256 does not match the manifest (the file was changed after export); re-export it"
         )
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
+        with quiet_jit():
             scripted = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError, OSError) as e:
         raise ManifestError(f"cannot load TorchScript file {path}: {str(e).strip().splitlines()[0]}") from None
@@ -144,4 +186,4 @@ def load_extractor(
     return build_extractor(weights, taps=taps, pool=pool, network=network)
 
 
-__all__ = ["ScriptedExtractor", "load_export", "load_extractor", "InputError"]
+__all__ = ["ScriptedExtractor", "load_export", "load_extractor", "quiet_jit"]

@@ -16,19 +16,7 @@ weight chosen at 256 px holds at 2048 px. (TV is a mean too: it penalises per-pi
 noise equally at any size.)
 
 Other normalisations (``--gram-norm``, ``--content-norm``; the recipes in docs/recipes.md
-need them) are the same losses times a constant per layer and size, so the loop keeps one
-Gram kernel and its float32 range: for a tap with C channels and M = H * W positions and
-the unnormalised Gram G = F F^T, each per-layer style term is
-
-    chw      mean((G/(C*M) - A/(C*M))^2)      factor 1        (PyTorch tutorial; the default)
-    hw       mean((G/M - A/M)^2)              factor C^2      (Gatys' PyTorch code)
-    4n2m2    sum((G - A)^2) / (4 C^2 M^2)     factor C^2/4    (Gatys et al., eq. 4)
-    raw-chw  mean((G - A)^2) / (C*M)          factor C*M      (Udacity course notebook)
-    raw      mean((G - A)^2)                  factor C^2 M^2  (plain blog loops)
-
-and each content term is ``mean`` (factor 1) or ``half-sum``, 1/2 sum((F - P)^2) (factor
-C*M/2, Gatys et al., eq. 1). The factors are computed once per size (engine/targets.py)
-and folded into the layer weights.
+need them) are these losses times a constant per layer and size: engine/norms.py.
 
 Contract: Grams and losses are float32 whatever the convolutions ran in; fp16 Grams
 overflow. Autocast is switched off inside these functions.
@@ -47,8 +35,8 @@ class _GramMC(torch.autograd.Function):
     """G = T^T T for T of shape (M, C), with a backward of one matmul.
 
     Autograd through ``t.t() @ t`` runs two (M, C) x (C, C) products, one per operand;
-    since both operands are T, dT = T (dG + dG^T) needs only one. Measured on the CPU
-    (fwd + bwd, channels-last features at 256 px): 30-35% faster per Gram.
+    since both operands are T, dT = T (dG + dG^T) needs only one: half the backward's
+    FLOPs (it measured faster on the CPU; bench/results/ has the step timings).
     """
 
     @staticmethod
@@ -70,7 +58,7 @@ def gram(f: torch.Tensor) -> torch.Tensor:
             # One image (the engine's case): a (M, C) view of the features and one matmul each
             # way. Channels-last memory is (N, H, W, C), so the view is free; for NCHW it is a
             # transposed view, which the matmul reads without a copy. (A batched bmm, or
-            # indexing [0], cost 30% more in the backward on the CPU.)
+            # indexing [0], measured slower in the backward on the CPU.)
             t = f.permute(0, 2, 3, 1).reshape(h * w, c).float()  # (M, C)
             g = _GramMC.apply(t).unsqueeze(0)  # (1, C, C)
         else:
@@ -96,25 +84,3 @@ def tv_loss(x: torch.Tensor) -> torch.Tensor:
         dh = (x[..., 1:, :] - x[..., :-1, :]).square().mean()
         dw = (x[..., :, 1:] - x[..., :, :-1]).square().mean()
         return dh + dw
-
-
-GRAM_NORMS = ("chw", "hw", "4n2m2", "raw-chw", "raw")
-CONTENT_NORMS = ("mean", "half-sum")
-
-
-def style_norm_factor(norm: str, c: int, m: int) -> float:
-    """Factor turning the default per-layer style term into ``norm``'s (see the table above)."""
-    factors = {"chw": 1.0, "hw": float(c * c), "4n2m2": c * c / 4.0, "raw-chw": float(c * m),
-               "raw": float(c * c) * float(m * m)}
-    if norm not in factors:
-        raise ValueError(f"unknown Gram normalisation {norm!r}; choose one of {', '.join(GRAM_NORMS)}")
-    return factors[norm]
-
-
-def content_norm_factor(norm: str, c: int, m: int) -> float:
-    """Factor turning the mean content term into ``norm``'s."""
-    if norm == "mean":
-        return 1.0
-    if norm == "half-sum":
-        return c * m / 2.0
-    raise ValueError(f"unknown content normalisation {norm!r}; choose one of {', '.join(CONTENT_NORMS)}")

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import InputError
-from .layers import layer_by_name, vgg_layers
+from .layers import layer_by_name, layers_upto
 
 GiB = 1024**3
 
@@ -49,8 +49,7 @@ def estimate_breakdown(h: int, w: int, taps: tuple[str, ...], network: str = "vg
     """The estimate in parts: ``resident`` (weights, image, Adam moments, targets: allocated
     before the first step) and ``step`` (what one step allocates at its peak)."""
     table = layer_by_name(network)
-    deepest = max(table[t].index for t in taps)
-    layers = [l for l in vgg_layers(network) if l.index <= deepest]
+    layers = layers_upto(taps, network)
     weights = sum(l.in_channels * l.out_channels * 9 + l.out_channels for l in layers if l.kind == "conv") * 4
     if act_bytes < 4:
         weights = int(weights * 1.5)  # autocast keeps a half copy of each weight

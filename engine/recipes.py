@@ -120,9 +120,9 @@ def values(name: str, given=()) -> dict:
 
 
 def settings(name: str, base: StylizeSettings | None = None, **overrides) -> StylizeSettings:
-    """The recipe's settings on top of ``base`` (default settings), then ``overrides``."""
-    s = dataclasses.replace(base or StylizeSettings(), **values(name, overrides))
-    return dataclasses.replace(s, **overrides)
+    """The recipe's settings on top of ``base`` (default settings), then ``overrides``
+    (in one step: settings are checked when made, and only the result must make sense)."""
+    return dataclasses.replace(base or StylizeSettings(), **{**values(name, overrides), **overrides})
 
 
 def flags(name: str) -> list[str]:

@@ -11,30 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
-from .layers import parse_taps
-from .losses import content_norm_factor, gram, style_norm_factor
-
-
-def parse_layer_weights(spec, network: str = "vgg19") -> tuple[tuple[str, float], ...]:
-    """'relu1_1:1,relu2_1:0.75,relu3_1' -> (('relu1_1', 1.0), ('relu2_1', 0.75), ('relu3_1', 1.0)).
-
-    A layer without ``:WEIGHT`` weighs 1. Layers are returned in network depth order.
-    """
-    items = spec.split(",") if isinstance(spec, str) else [s for item in spec for s in str(item).split(",")]
-    weights: dict[str, float] = {}
-    for item in (i.strip() for i in items):
-        if not item:
-            continue
-        name, _, w = item.partition(":")
-        try:
-            weight = float(w) if w else 1.0
-        except ValueError:
-            raise InputError(f"bad layer weight in {item!r}: write LAYER or LAYER:WEIGHT, e.g. relu2_1:0.75") from None
-        if not weight >= 0 or weight == float("inf"):
-            raise InputError(f"bad layer weight in {item!r}: must be a finite number >= 0")
-        weights[name.strip()] = weight
-    ordered = parse_taps(tuple(weights), network)  # validates names, sorts by depth
-    return tuple((name, weights[name]) for name in ordered)
+from .losses import gram
+from .norms import content_norm_factor, style_norm_factor
 
 
 @dataclass
@@ -47,9 +25,9 @@ class Targets:
     grams: list[torch.Tensor]  # per style layer: (1, C, C), the weighted blend over styles
     style_blend: tuple[float, ...]  # normalised weight of each style image
     # Per layer: the layer weight times the normalisation factor of --content-norm /
-    # --gram-norm at this size (engine/losses.py); what the loop multiplies each term by.
-    content_scale: tuple[float, ...]
-    style_scale: tuple[float, ...]
+    # --gram-norm at this size (engine/norms.py); what the loop multiplies each term by.
+    content_factors: tuple[float, ...]
+    style_factors: tuple[float, ...]
 
 
 @torch.no_grad()
@@ -83,14 +61,14 @@ def compute_targets(
     feats = extractor(content.float())
     content_feats = [feats[taps.index(n)].float().clone() for n, _ in content_layers]
     shapes = {n: tuple(feats[taps.index(n)].shape[1:]) for n, _ in content_layers + style_layers}  # (C, H, W)
-    content_scale = tuple(w * content_norm_factor(content_norm, shapes[n][0], shapes[n][1] * shapes[n][2])
-                          for n, w in content_layers)
-    style_scale = tuple(w * style_norm_factor(gram_norm, shapes[n][0], shapes[n][1] * shapes[n][2])
-                        for n, w in style_layers)
+    content_factors = tuple(w * content_norm_factor(content_norm, shapes[n][0], shapes[n][1] * shapes[n][2])
+                            for n, w in content_layers)
+    style_factors = tuple(w * style_norm_factor(gram_norm, shapes[n][0], shapes[n][1] * shapes[n][2])
+                          for n, w in style_layers)
     grams = [None] * len(style_layers)
     for (img, _), share in zip(styles, blend):
         feats = extractor(img.float())
         for i, (name, _) in enumerate(style_layers):
             g = gram(feats[taps.index(name)]) * share  # (1, C, C)
             grams[i] = g if grams[i] is None else grams[i] + g
-    return Targets(content_layers, style_layers, content_feats, grams, blend, content_scale, style_scale)
+    return Targets(content_layers, style_layers, content_feats, grams, blend, content_factors, style_factors)

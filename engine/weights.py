@@ -34,7 +34,7 @@ import torch
 
 from .errors import WeightsError
 from .fsutil import atomic_path, sha256_file
-from .layers import NETWORKS, Layer, layer_by_name, vgg_layers
+from .layers import NETWORKS, layer_by_name, vgg_layers
 
 log = logging.getLogger("nst")
 
@@ -248,8 +248,15 @@ def _features_state(raw: object, path: Path, network: str, upto: str | None) -> 
     if not raw:
         raise WeightsError(f"{path} holds an empty state dict")
 
+    state, prefix = _conv_tensors(raw, path, network)
+    _check_tensors(state, raw, path, network, upto, prefix)
+    return state
+
+
+def _conv_tensors(raw: Mapping, path: Path, network: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The conv tensors under ``features`` names ("0.weight"...), float32, and the prefix
+    the file used ("features." for a whole model, "" for features alone)."""
     layers = vgg_layers(network)
-    table = layer_by_name(network)
     full_model = any(str(k).removeprefix("module.").startswith("features.") for k in raw)
     prefix = "features." if full_model else ""
     state: dict[str, torch.Tensor] = {}
@@ -276,7 +283,14 @@ def _features_state(raw: object, path: Path, network: str, upto: str | None) -> 
         if not value.is_floating_point():
             raise WeightsError(f"{path}: tensor {key!r} has dtype {value.dtype}, expected a floating-point type")
         state[local] = value.detach().to(torch.float32)
+    return state, prefix
 
+
+def _check_tensors(state: dict, raw: Mapping, path: Path, network: str, upto: str | None, prefix: str) -> None:
+    """Every conv tensor up to ``upto`` present, of its shape, finite; the ones after it,
+    when present, of their shape."""
+    layers = vgg_layers(network)
+    table = layer_by_name(network)
     deepest = table[upto].index if upto else len(layers) - 1
     for layer in layers:
         if layer.kind != "conv":
@@ -301,7 +315,6 @@ def _features_state(raw: object, path: Path, network: str, upto: str | None) -> 
                 )
             if required and not torch.isfinite(t).all():
                 raise WeightsError(f"{path}: tensor {shown!r} ({layer.name} {part}) contains NaN or Inf")
-    return state
 
 
 def _other_network_hint(raw: Mapping, network: str) -> str:
@@ -318,9 +331,3 @@ def _other_network_hint(raw: Mapping, network: str) -> str:
         if idx and idx == convs:
             return f" (this looks like a {other} checkpoint: pass --network {other})"
     return ""
-
-
-def conv_layers(network: str, upto: str) -> list[Layer]:
-    """The conv layers up to and including the layer named ``upto``."""
-    deepest = layer_by_name(network)[upto].index
-    return [l for l in vgg_layers(network) if l.kind == "conv" and l.index <= deepest]

@@ -6,8 +6,9 @@ import datetime as _dt
 import platform
 from importlib import metadata
 
-from engine.features import IMAGENET_MEAN, IMAGENET_STD, VGGFeatures
-from engine.manifest import FORMAT, FORMAT_VERSION
+from nst.engine.features import VGGFeatures
+from nst.engine.layers import IMAGENET_MEAN, IMAGENET_STD
+from nst.engine.manifest import FORMAT, FORMAT_VERSION
 
 
 def library_versions() -> dict:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import ExportError, NSTError
-from engine.features import VGGFeatures, build_extractor
-from engine.fsutil import atomic_write_text, sha256_file
-from engine.manifest import MANIFEST_NAME, ONNX_NAME, PROGRAM_NAME, TORCHSCRIPT_NAME
+from nst.engine.errors import ExportError, NSTError
+from nst.engine.features import VGGFeatures, build_extractor
+from nst.engine.fsutil import atomic_write_text, sha256_file
+from nst.engine.manifest import MANIFEST_NAME, ONNX_NAME, PROGRAM_NAME, TORCHSCRIPT_NAME
 
 from . import manifest as manifest_mod
 from . import to_onnx, to_program, to_torchscript
@@ -50,7 +50,6 @@ def export_extractor(settings: ExportSettings, module: VGGFeatures | None = None
     ``module`` may be given to export an already-built extractor (its weights are then
     taken from it, and ``settings.weights/taps/pool/network`` are ignored).
     """
-    settings.validate()
     if module is None:
         module = build_extractor(settings.weights, settings.taps, settings.pool, settings.network)
     else:

@@ -6,10 +6,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import option
-from engine.errors import ExportError
-from engine.features import POOLS
-from engine.layers import DEFAULT_TAPS, NETWORKS
+from nst.engine.errors import ExportError
+from nst.engine.layers import DEFAULT_TAPS, NETWORKS, POOLS
+from nst.engine.settings import option
 
 FORMATS = ("torchscript", "onnx", "pt2")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -24,8 +23,10 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportSettings:
+    """What ``nst export`` writes, and how it checks it. Checked and normalised when made."""
+
     out: Path = option(help="directory to write the artefacts and manifest.json into", metavar="DIR", parse=Path)
     weights: str = option("imagenet", help="imagenet, random[:SEED], or a .pth/.pt/.safetensors file", metavar="SPEC")
     network: str = option("vgg19", help="the VGG variant", choices=NETWORKS)
@@ -43,14 +44,16 @@ class ExportSettings:
         metavar="HxW",
     )
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         formats = [f for item in self.formats for f in str(item).split(",") if f]
         unknown = [f for f in formats if f not in FORMATS]
         if unknown:
             raise ExportError(f"unknown format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
         if not formats:
             raise ExportError("no format to write")
-        self.formats = tuple(dict.fromkeys(formats))
+        # Normalised once, here (a frozen value otherwise): unique formats, a Path.
+        object.__setattr__(self, "formats", tuple(dict.fromkeys(formats)))
+        object.__setattr__(self, "out", Path(self.out))
         if self.precision not in PRECISIONS:
             raise ExportError(f"unknown precision {self.precision!r}; choose fp32, fp16 or bf16")
         if self.opset < MIN_OPSET:
@@ -60,6 +63,5 @@ class ExportSettings:
                 "--check-size must differ from --trace-size: the self-check proves the artefacts "
                 "work at sizes other than the traced one"
             )
-        self.out = Path(self.out)
         if self.out.exists() and not self.out.is_dir():
             raise ExportError(f"--out {self.out} exists and is not a directory")

@@ -12,11 +12,11 @@ import re
 from pathlib import Path
 
 import torch
-from torch.export import Dim
 
-from engine.errors import ExportError
+from nst.engine.errors import ExportError
 
 from .compare import max_errors
+from .shapes import dynamic_shapes
 
 INPUT_NAME = "image"
 
@@ -27,13 +27,6 @@ UNSUPPORTED = {"bf16": "ONNX Runtime has no bfloat16 Conv kernel, so a bf16 ONNX
 
 
 def write(module: torch.nn.Module, example: torch.Tensor, path: Path, taps: tuple[str, ...], min_side: int, opset: int) -> None:
-    # Batch, height and width are dynamic. Dim.DYNAMIC rather than named Dims: with
-    # channels-last weights torch.export emits stride guards that its solver cannot prove
-    # for named Dims (seen with torch 2.14), and DYNAMIC records them instead of failing.
-    # The example has N=2 because torch.export specialises sizes that are 1 in the example.
-    batch = Dim.DYNAMIC(min=1, max=1024)
-    height = Dim.DYNAMIC(min=min_side)
-    width = Dim.DYNAMIC(min=min_side)
     # The exporter narrates its passes on stdout; keep that out of our summary.
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet):
@@ -44,7 +37,7 @@ def write(module: torch.nn.Module, example: torch.Tensor, path: Path, taps: tupl
             opset_version=opset,
             input_names=[INPUT_NAME],
             output_names=list(taps),
-            dynamic_shapes={"x": {0: batch, 2: height, 3: width}},
+            dynamic_shapes=dynamic_shapes(min_side),
             external_data=False,
             verbose=False,
         )

@@ -11,20 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.export import Dim
 
 from .compare import max_errors
+from .shapes import dynamic_shapes
 
 
 def write(module: torch.nn.Module, example: torch.Tensor, path: Path, min_side: int) -> None:
-    # Batch, height and width are dynamic. Dim.DYNAMIC rather than named Dims: with
-    # channels-last weights torch.export emits stride guards that its solver cannot prove
-    # for named Dims (seen with torch 2.14), and DYNAMIC records them instead of failing.
-    # The example has N=2 because torch.export specialises sizes that are 1 in the example.
-    batch = Dim.DYNAMIC(min=1, max=1024)
-    height = Dim.DYNAMIC(min=min_side)
-    width = Dim.DYNAMIC(min=min_side)
-    program = torch.export.export(module, (example,), dynamic_shapes={"x": {0: batch, 2: height, 3: width}})
+    program = torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes(min_side))
     torch.export.save(program, str(path))
 
 

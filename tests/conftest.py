@@ -12,8 +12,8 @@ import torch
 # Never let a test reach for the network: `imagenet` must come from a cache the test made.
 os.environ.setdefault("NST_OFFLINE", "1")
 
-from engine import build_extractor  # noqa: E402
-from engine.weights import random_state  # noqa: E402
+from nst.engine import build_extractor  # noqa: E402
+from nst.engine.weights import random_state  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -71,7 +71,7 @@ def eager(weight_files):
 @pytest.fixture(scope="session")
 def export_dir(tmp_path_factory, weight_files) -> Path:
     """One fp32 export shared by the tests that only read it."""
-    from export import ExportSettings, export_extractor
+    from nst.export import ExportSettings, export_extractor
 
     out = tmp_path_factory.mktemp("export")
     export_extractor(

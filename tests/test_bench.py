@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from bench.flops import conv_forward_flops, step_flops
-from engine.cli import main
+from nst.bench.flops import conv_forward_flops, step_flops
+from nst.cli import main
 
 
 def _numbers(obj, path=""):
@@ -79,7 +79,7 @@ def test_quick_quality_benchmark(tmp_path, capsys):
 def test_quick_recipe_benchmark_checks_every_original(tmp_path, capsys):
     """`nst bench-recipes --quick`: each faithful original loop agrees with the engine's
     recipe on the first loss (rel. 1e-4), and both are timed."""
-    from engine import recipes
+    from nst.engine import recipes
 
     code = main(["-q", "bench-recipes", "--quick", "--device", "cpu", "--out", str(tmp_path), "--name", "rq"])
     assert code == 0
@@ -98,9 +98,47 @@ def test_recipe_benchmark_parity_catches_a_wrong_formula(monkeypatch):
     """The parity check is not vacuous: a Udacity original whose Gram is twice too large fails it."""
     import torch
 
-    from bench import originals, recipes as rb
+    from nst.bench import originals, recipes as rb
 
     monkeypatch.setattr(originals.Udacity, "gram_matrix", staticmethod(lambda t: 2 * torch.mm(
         t.view(t.shape[1], -1), t.view(t.shape[1], -1).t())))
     rec = rb.bench_recipe("udacity", rb.RecipeBenchSettings(quick=True), torch.device("cpu"))
     assert not rec["parity"]["passed"] and rec["parity"]["rel_err"] > 0.1
+
+
+def test_independent_baselines_agree_with_the_layer_table():
+    """The baselines and the original loops write torchvision's layout out themselves (so
+    they do not share the engine's bugs); here they are held against engine/layers.py."""
+    from nst.bench import baselines, reference
+    from nst.engine.layers import IMAGENET_MEAN, IMAGENET_STD, deepest, layer_by_name, vgg_layers
+
+    for network in ("vgg19", "vgg16"):
+        assert reference.LAYER_NAMES[network] == [layer.name for layer in vgg_layers(network)], network
+    assert tuple(reference.MEAN) == IMAGENET_MEAN and tuple(reference.STD) == IMAGENET_STD
+    table = layer_by_name("vgg19")
+    assert baselines.TAP_INDEX == {name: table[name].index for name in baselines.TAP_INDEX}
+    assert baselines.CUT == deepest(tuple(baselines.TAP_INDEX)).index + 1
+    # And torchvision's own builder has the modules the names say, in the same places.
+    from torchvision.models.vgg import cfgs, make_layers
+
+    for network, cfg in (("vgg19", "E"), ("vgg16", "D")):
+        kinds = [type(m).__name__ for m in make_layers(cfgs[cfg])]
+        want = [{"conv": "Conv2d", "relu": "ReLU", "pool": "MaxPool2d"}[n[:4]] for n in reference.LAYER_NAMES[network]]
+        assert kinds == want, network
+
+
+def test_profile_files_kernels_by_what_they_compute():
+    """cuDNN's convolution kernels are implicit GEMMs: "gemm" in their names must not put
+    them among the Gram matmuls (names as an H100 profile printed them)."""
+    from nst.bench.profile import kernel_group
+
+    assert kernel_group("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution forward"
+    assert kernel_group("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution backward"
+    assert kernel_group("sm80_xmma_gemm_f32f32_f32f32_f32_nn_n_tilesize128x128x8_ffma") == "Gram matmuls"
+    assert kernel_group("cutlass_80_simt_sgemm_128x128_8x4_nn_align1") == "Gram matmuls"
+    assert kernel_group("aten::convolution_backward") == "convolution backward"
+    assert kernel_group("aten::mkldnn_convolution") == "convolution forward"
+    assert kernel_group("aten::mm") == "Gram matmuls"
+    for other in ("void at::native::elementwise_kernel<128, 2>", "max_pool_backward_nhwc", "aten::max_pool2d",
+                  "void at::native::direct_copy_kernel_cuda", "aten::_foreach_add_"):
+        assert kernel_group(other) == "other", other

@@ -5,13 +5,13 @@ import sys
 
 import pytest
 
-from engine.cli import main
-from engine.manifest import MANIFEST_NAME
+from nst.cli import main
+from nst.engine.manifest import MANIFEST_NAME
 
 
 def _run(*args, env=None, timeout=300):
     e = dict(os.environ, NST_OFFLINE="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, env=e,
+    return subprocess.run([sys.executable, "-m", "nst", *args], capture_output=True, text=True, env=e,
                           timeout=timeout)
 
 
@@ -96,7 +96,7 @@ def test_wrong_shape_weights_file_through_cli(tmp_path, full_model_state):
 
 def test_cli_types_follow_the_dataclass():
     """Optional numbers parse as numbers (a regression: `float | None` once parsed as str)."""
-    from engine.cli import build_parser
+    from nst.cli import build_parser
 
     ns = build_parser().parse_args(["stylize", "c.png", "--style", "s.png", "-o", "o.png", "--lr", "0.5",
                                     "--time-limit", "2", "--steps", "3", "--original-colors"])

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import StylizeSettings
-from engine.cli import main
-from engine.optimize import run
+from nst.engine import StylizeSettings
+from nst.cli import main
+from nst.engine.loop import run
 
 ROOT = Path(__file__).resolve().parents[1]
 W = "random:4"
@@ -68,7 +68,7 @@ def test_cpp_matches_python(host, job):
     assert cpp.shape == (STEPS, 4)
 
     # The Python engine, same start, same settings, on the same TorchScript file.
-    from engine.imageio import load_image
+    from nst.engine.imageio import load_image
 
     settings = StylizeSettings(size=64, steps=STEPS, weights=W, extractor=str(job / "exp"), reference=True,
                                device="cpu", style_weight=1e8, tv_weight=2, init="noise", seed=3)
@@ -113,7 +113,7 @@ def test_cpp_errors(host, job, tmp_path):
     import json
     import warnings
 
-    from engine.targets_file import EXTRA_NAME, _Holder
+    from nst.export.targets_file import EXTRA_NAME, _Holder
 
     sha = json.loads((narrow / "manifest.json").read_text())["artefacts"]["torchscript"]["sha256"]
     info = {"format": "nst-targets", "extractor_sha256": sha, "content_layers": [["relu4_2", 1.0]],

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine import load_export, load_extractor
-from engine.errors import ExportError, InputError, ManifestError
-from engine.fsutil import sha256_file
-from engine.manifest import MANIFEST_NAME, ONNX_NAME, PROGRAM_NAME, TORCHSCRIPT_NAME
-from export import ExportSettings, export_extractor
+from nst.engine import load_export, load_extractor
+from nst.engine.errors import ExportError, InputError, ManifestError
+from nst.engine.fsutil import sha256_file
+from nst.engine.manifest import MANIFEST_NAME, ONNX_NAME, PROGRAM_NAME, TORCHSCRIPT_NAME
+from nst.export import ExportSettings, export_extractor
 
 
 def _x(h, w, seed, n=1):
@@ -154,7 +154,7 @@ def test_loader_errors(tmp_path, export_dir):
 
 def test_self_check_fails_a_tampered_artefact(tmp_path, weight_files, monkeypatch):
     """A broken exporter (here: TorchScript traced from perturbed weights) is caught."""
-    import export.to_torchscript as ts_mod
+    import nst.export.to_torchscript as ts_mod
 
     real_trace = ts_mod.trace
 
@@ -176,7 +176,7 @@ def test_self_check_fails_a_tampered_artefact(tmp_path, weight_files, monkeypatc
 
 
 def test_interrupted_export_keeps_the_previous_one(tmp_path, weight_files, monkeypatch):
-    import export.to_onnx as onnx_mod
+    import nst.export.to_onnx as onnx_mod
 
     out = tmp_path / "out"
     settings = dict(weights=str(weight_files["features"]), taps=("relu2_1",), trace_size="64x64", check_size="48x80")

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torchvision
 
-from engine import DEFAULT_TAPS, IMAGENET_MEAN, IMAGENET_STD, build_extractor
-from engine.errors import InputError
+from nst.engine import DEFAULT_TAPS, IMAGENET_MEAN, IMAGENET_STD, build_extractor
+from nst.engine.errors import InputError
 
 
 def _x(h, w, seed):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.errors import InputError
-from engine.imageio import check_output_path, load_image, save_image
+from nst.engine.errors import InputError
+from nst.engine.imageio import check_output_path, load_image, save_image
 
 
 def _rgb_array(h=40, w=60, seed=0):

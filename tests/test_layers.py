@@ -2,9 +2,9 @@ import pytest
 import torchvision
 from torch import nn
 
-from engine import build_extractor
-from engine.errors import NSTError
-from engine.layers import DEFAULT_TAPS, min_side, parse_taps, vgg_layers
+from nst.engine import build_extractor
+from nst.engine.errors import NSTError
+from nst.engine.layers import DEFAULT_TAPS, min_side, parse_taps, vgg_layers
 
 
 @pytest.mark.parametrize("network", ["vgg19", "vgg16"])
@@ -29,7 +29,7 @@ def test_layer_table_matches_torchvision(network):
 
 
 def test_cut_at_deepest_tap(features_state):
-    from engine.weights import Weights
+    from nst.engine.weights import Weights
 
     w = Weights("vgg19", "x", "random", "random:0", None, features_state)
     for taps, last in ((DEFAULT_TAPS, "relu5_1"), (("relu1_1", "conv3_1"), "conv3_1"), (("pool2",), "pool2")):

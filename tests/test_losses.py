@@ -3,10 +3,12 @@
 import torch
 import torchvision
 
-from engine import StylizeSettings, build_extractor
-from engine.losses import gram
-from engine.optimize import Objective, resolve_plan
-from engine.targets import compute_targets, parse_layer_weights
+from nst.engine import StylizeSettings, build_extractor
+from nst.engine.losses import gram
+from nst.engine.layers import parse_layer_weights
+from nst.engine.objective import Objective
+from nst.engine.plan import resolve_plan
+from nst.engine.targets import compute_targets
 
 
 def _img(h, w, seed):

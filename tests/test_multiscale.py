@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import StylizeSettings, build_extractor
-from engine.cli import main
-from engine.errors import InputError
-from engine.memory import estimate_breakdown, plan_memory
-from engine.multiscale import render, scale_sizes
-from engine.layers import DEFAULT_TAPS
+from nst.engine import StylizeSettings, build_extractor
+from nst.cli import main
+from nst.engine.errors import InputError
+from nst.engine.memory import estimate_breakdown, plan_memory
+from nst.engine.multiscale import render
+from nst.engine.layers import DEFAULT_TAPS
 
 W = "random:3"
 
@@ -36,17 +36,17 @@ def net():
 
 
 def test_scale_sizes():
-    assert scale_sizes(StylizeSettings(size=512)) == [512]
-    assert scale_sizes(StylizeSettings(size=512, scales="auto")) == [256, 362, 512]
-    assert scale_sizes(StylizeSettings(size=2048, scales="auto", scale_factor=2)) == [256, 512, 1024, 2048]
-    assert scale_sizes(StylizeSettings(size=200, scales="auto")) == [200]
-    assert scale_sizes(StylizeSettings(size=512, scales="128,256")) == [128, 256, 512]
+    assert StylizeSettings(size=512).scale_sizes() == [512]
+    assert StylizeSettings(size=512, scales="auto").scale_sizes() == [256, 362, 512]
+    assert StylizeSettings(size=2048, scales="auto", scale_factor=2).scale_sizes() == [256, 512, 1024, 2048]
+    assert StylizeSettings(size=200, scales="auto").scale_sizes() == [200]
+    assert StylizeSettings(size=512, scales="128,256").scale_sizes() == [128, 256, 512]
     with pytest.raises(InputError, match="increasing"):
-        scale_sizes(StylizeSettings(size=512, scales="256,128"))
+        StylizeSettings(size=512, scales="256,128").scale_sizes()
     with pytest.raises(InputError, match="larger than the output.s long edge"):
-        scale_sizes(StylizeSettings(size=256, scales="128,512"))
+        StylizeSettings(size=256, scales="128,512").scale_sizes()
     with pytest.raises(InputError, match="bad --scales"):
-        scale_sizes(StylizeSettings(size=256, scales="big"))
+        StylizeSettings(size=256, scales="big").scale_sizes()
 
 
 def test_multiscale_beats_single_scale_at_equal_work(net):
@@ -56,8 +56,8 @@ def test_multiscale_beats_single_scale_at_equal_work(net):
     full-resolution loss, against the same targets. (Measured when written: 2.78 single
     against 0.34 multi; with content init and style weight 1e6 too, multi-scale won.)
     """
-    from engine.demo import make_content, make_style
-    from engine.imageio import pil_to_tensor
+    from nst.engine.demo import make_content, make_style
+    from nst.engine.imageio import pil_to_tensor
 
     content, style = pil_to_tensor(make_content()), pil_to_tensor(make_style(seed=1))
     base = dict(size=128, weights=W, device="cpu", init="noise", seed=4, style_weight=1e8, progress_every=4)
@@ -127,7 +127,7 @@ def test_memory_plan_chooses_checkpointing(net):
         plan_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "off", limit)
     # And the engine runs checkpointed when the plan says so, with the same losses.
     args = (_smooth(48, 64, 1), [(_img(64, 64, 2), 1.0)])
-    from engine.optimize import run
+    from nst.engine.loop import run
 
     a = run(*args, StylizeSettings(size=64, steps=3, weights=W, device="cpu"), extractor=net)
     b = run(*args, StylizeSettings(size=64, steps=3, weights=W, device="cpu", checkpointing="on"), extractor=net)
@@ -155,8 +155,8 @@ libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: big blocks come from mmap and go ba
 libc.mallopt(-1, 0)      # M_TRIM_THRESHOLD   so RSS follows the live tensors
 import torch
 torch.set_num_threads(2)
-from engine import StylizeSettings
-from engine.optimize import prepare
+from nst.engine import StylizeSettings
+from nst.engine.session import prepare
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
@@ -165,11 +165,11 @@ size, ck = int(sys.argv[1]), sys.argv[2]
 g = torch.Generator().manual_seed(0)
 p = prepare(torch.rand(3, size, size, generator=g), [(torch.rand(3, size, size, generator=g), 1.0)],
             StylizeSettings(size=size, device="cpu", weights="random:0", checkpointing=ck))
-p.runner.step()
+p.stepper.step()
 gc.collect(); libc.malloc_trim(0)
 rss0 = status("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-p.runner.step()
+p.stepper.step()
 print(json.dumps({"step_peak": status("VmHWM:") - rss0}))
 '''
 

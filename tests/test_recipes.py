@@ -9,12 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import config, demo, recipes
-from engine.cli import build_parser, main
-from engine.errors import InputError
-from engine.imageio import pil_to_tensor
-from engine.optimize import prepare, run
-from engine.settings import IMAGENET_STD_MEAN, StylizeJob, StylizeSettings
+from nst import flags
+from nst.engine import demo, recipes
+from nst.cli import build_parser, main
+from nst.engine.errors import InputError
+from nst.engine.imageio import pil_to_tensor
+from nst.engine.loop import run
+from nst.engine.session import prepare
+from nst.engine.settings import IMAGENET_STD_MEAN, StylizeSettings
+from nst.jobs import StylizeJob
 
 # The issue's table, written out independently of engine/recipes.py: field -> value.
 CONV_STYLE = "conv1_1,conv2_1,conv3_1,conv4_1,conv5_1"
@@ -59,9 +62,10 @@ EXPECTED = {
 FILES = ["stylize", "c.png", "--style", "s.png", "-o", "o.png"]
 
 
-def _job(*argv) -> StylizeJob:
+def _job(*argv) -> StylizeSettings:
+    """The settings of an `nst stylize` command line."""
     argv = FILES + list(argv)
-    return config.from_args(StylizeJob, build_parser(argv).parse_args(argv))
+    return flags.from_args(StylizeJob, build_parser(argv).parse_args(argv)).settings
 
 
 def _check(settings, expected):
@@ -207,7 +211,7 @@ def test_lr_schedules_and_units():
                      ({"lr_decay_every": 0}, "--lr-decay-every"),
                      ({"lr_units": "imagenet", "optimizer": "lbfgs"}, "for Adam")):
         with pytest.raises(InputError, match=msg):
-            StylizeSettings(**bad).validate()
+            StylizeSettings(**bad)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
@@ -251,7 +255,7 @@ def test_plain_adam_recipe_writes_exactly_911x512(files):
 
 
 def test_resize_with_multiscale_keeps_the_exact_size():
-    from engine.multiscale import render
+    from nst.engine.multiscale import render
 
     r = render(torch.rand(3, 90, 120), [(torch.rand(3, 64, 64), 1.0)],
                StylizeSettings(resize="140x66", scales="70", steps=2, weights="random:1", progress_every=1))
@@ -300,10 +304,10 @@ def test_bad_gif_path_is_one_line_and_no_output(files, capsys, gif, msg):
 # -- the Python API and the C++ host's targets -----------------------------------------
 
 def test_api_takes_a_recipe(drawn):
-    import engine
+    import nst.engine
 
     content, style = drawn
-    r = engine.stylize(content, style, recipe="lbfgs-normalised", weights="random:0", resize="72x40", steps=2)
+    r = nst.engine.stylize(content, style, recipe="lbfgs-normalised", weights="random:0", resize="72x40", steps=2)
     assert tuple(r.image.shape) == (3, 40, 72) and r.stats.optimizer == "lbfgs" and r.stats.steps_run == 2
 
 
@@ -311,7 +315,7 @@ def test_targets_file_folds_the_normalisation_into_the_layer_weights(tmp_path, e
     """The C++ host computes mean losses; the weights it reads carry the factors."""
     import json
 
-    from engine.targets_file import EXTRA_NAME, write_targets
+    from nst.export.targets_file import EXTRA_NAME, write_targets
 
     content, style = drawn
     s = StylizeSettings(extractor=str(export_dir), gram_norm="4n2m2", content_norm="half-sum", reference=True,

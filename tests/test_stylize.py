@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from engine import NonFiniteLossError, StylizeSettings, build_extractor, load_export, stylize
-from engine.color import rgb_to_yiq
-from engine.optimize import run
-from engine.targets import compute_targets, parse_layer_weights
+from nst.engine import NonFiniteLossError, StylizeSettings, build_extractor, load_export, stylize
+from nst.engine.color import rgb_to_yiq
+from nst.engine.loop import run
+from nst.engine.layers import parse_layer_weights
+from nst.engine.targets import compute_targets
 
 W = "random:3"
 
@@ -88,7 +89,7 @@ def test_fast_and_reference_paths_agree_on_cpu(net):
 
 
 def test_torchscript_extractor_gives_the_same_trajectory(tmp_path, net):
-    from export import ExportSettings, export_extractor
+    from nst.export import ExportSettings, export_extractor
 
     out = tmp_path / "exp"
     export_extractor(ExportSettings(out=out, weights=W, trace_size="64x64", check_size="40x72",
@@ -194,15 +195,23 @@ def test_time_limit_stops_early(net):
     assert r.stats.setup_s + r.stats.loop_s < 1.5 + 2.0  # generous: the machine is noisy
 
 
-def test_save_every_calls_back(net):
-    seen = []
-    run(_smooth(48, 48, 1), [(_img(48, 48, 2), 1.0)], _settings(steps=6), extractor=net,
-        on_image=lambda step, img: seen.append((step, tuple(img.shape))), save_every=2)
-    assert seen == [(2, (3, 64, 64)), (4, (3, 64, 64)), (6, (3, 64, 64))]
+def test_callback_sees_every_step_and_losses_at_progress_intervals(net):
+    steps, images = [], []
+
+    def every_2(info):
+        steps.append((info.step, info.steps, info.losses is not None))
+        if info.step % 2 == 0:
+            images.append((info.step, tuple(info.image().shape)))
+
+    run(_smooth(48, 48, 1), [(_img(48, 48, 2), 1.0)], _settings(steps=6, progress_every=4), extractor=net,
+        callback=every_2)
+    # Losses are read (a host sync) at steps 1 and 5 (every 4 from the first) and at the last.
+    assert steps == [(1, 6, True), (2, 6, False), (3, 6, False), (4, 6, False), (5, 6, True), (6, 6, True)]
+    assert images == [(2, (3, 64, 64)), (4, (3, 64, 64)), (6, (3, 64, 64))]
 
 
 def test_bad_settings(net):
-    from engine.errors import InputError
+    from nst.engine.errors import InputError
 
     with pytest.raises(InputError, match="too small for the network"):
         run(_img(48, 48, 1), [(_img(48, 48, 2), 1.0)], _settings(size=16), extractor=net)
@@ -219,7 +228,7 @@ def test_bad_settings(net):
 
 def test_layer_weight_syntax():
     assert parse_layer_weights("relu2_1:0.75,relu1_1") == (("relu1_1", 1.0), ("relu2_1", 0.75))
-    from engine.errors import InputError
+    from nst.engine.errors import InputError
 
     with pytest.raises(InputError, match="LAYER:WEIGHT"):
         parse_layer_weights("relu1_1:abc")
@@ -230,7 +239,7 @@ def test_acceptance_256px_50_steps(net, tmp_path):
     """The issue's acceptance run: 256 px, 50 steps on this CPU, lower loss, valid image."""
     from PIL import Image
 
-    from engine.imageio import save_image
+    from nst.engine.imageio import save_image
 
     r = stylize(_smooth(192, 256, 11), _img(256, 256, 12), StylizeSettings(size=256, steps=50, weights=W, device="cpu"),
                 extractor=net)

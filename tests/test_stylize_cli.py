@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.cli import main, parse_style_spec
+from nst.cli import main
+from nst.inputs import parse_style_spec
 
 W = "random:3"
 
@@ -50,7 +51,7 @@ def test_stylize_writes_image_and_stats(images, capsys):
 
 @pytest.mark.slow
 def test_stylize_subprocess_end_to_end(images):
-    r = subprocess.run([sys.executable, "-m", "engine.cli", *_args(images, out="sub.jpg")[1:]],
+    r = subprocess.run([sys.executable, "-m", "nst", *_args(images, out="sub.jpg")[1:]],
                        capture_output=True, text=True, env=dict(os.environ, NST_OFFLINE="1"), timeout=300)
     assert r.returncode == 0, r.stderr
     assert "NOT a trained network" in r.stderr
@@ -68,7 +69,7 @@ def test_init_from_file(images):
 
 
 def test_interrupt_writes_best_image_and_says_so(images, monkeypatch, capsys):
-    import engine.optimize as opt
+    from nst.engine import steppers as opt
 
     real = opt.AdamStep.step
     calls = {"n": 0}
@@ -87,7 +88,7 @@ def test_interrupt_writes_best_image_and_says_so(images, monkeypatch, capsys):
 
 
 def test_nan_keeps_last_good_image_and_exits_1(images, monkeypatch, capsys):
-    import engine.optimize as opt
+    from nst.engine import objective as opt
 
     real = opt.Objective.__call__
     calls = {"n": 0}
@@ -187,8 +188,8 @@ def test_demo_runs_and_says_which_weights(tmp_path, monkeypatch, capsys):
 
 
 def test_demo_prefers_cached_imagenet(tmp_path, monkeypatch, full_model_state):
-    from engine import demo
-    from engine.weights import IMAGENET_URLS
+    from nst.engine import demo
+    from nst.engine.weights import IMAGENET_URLS
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     assert demo.pick_weights("auto") == "random:0"

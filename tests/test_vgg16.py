@@ -7,13 +7,13 @@ import warnings
 import pytest
 import torch
 
-from engine import build_extractor, load_export, recipes
-from engine.errors import ManifestError
-from engine.fsutil import sha256_file
-from engine.manifest import MANIFEST_NAME, ONNX_NAME, PROGRAM_NAME, TORCHSCRIPT_NAME
-from engine.optimize import run
-from engine.weights import IMAGENET_URLS, random_state, resolve_weights
-from export import ExportSettings, export_extractor
+from nst.engine import build_extractor, load_export, recipes
+from nst.engine.errors import ManifestError
+from nst.engine.fsutil import sha256_file
+from nst.engine.manifest import MANIFEST_NAME, ONNX_NAME, PROGRAM_NAME, TORCHSCRIPT_NAME
+from nst.engine.loop import run
+from nst.engine.weights import IMAGENET_URLS, random_state, resolve_weights
+from nst.export import ExportSettings, export_extractor
 
 TAPS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
 

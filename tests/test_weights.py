@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine import build_extractor, resolve_weights
-from engine.errors import WeightsError
-from engine.weights import IMAGENET_URLS
+from nst.engine import build_extractor, resolve_weights
+from nst.engine.errors import WeightsError
+from nst.engine.weights import IMAGENET_URLS
 
 
 
@@ -145,7 +145,7 @@ def test_batchnorm_and_other_network_hints(tmp_path, features_state):
     torch.save(bn, p)
     with pytest.raises(WeightsError, match="batch-norm"):
         resolve_weights(str(p))
-    from engine.weights import random_state
+    from nst.engine.weights import random_state
 
     p16 = tmp_path / "vgg16.pth"
     torch.save(random_state("vgg16", 0), p16)

@@ -1,4 +1,4 @@
-"""``nst targets``: write the targets of a render for a host without Python.
+"""The targets of a render, written for a host without Python (``nst targets``).
 
 The file is a TorchScript module that holds tensors as attributes - ``content_<i>`` (one
 per content layer), ``gram_<i>`` (one per style layer, blended), ``init`` (the start image,
@@ -12,15 +12,15 @@ libtorch reads it with ``torch::jit::load(path, device, extra_files)``.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .fsutil import atomic_path
-from .manifest import read_manifest
-from .optimize import Prepared
+from nst.engine.fsutil import atomic_path
+from nst.engine.loader import quiet_jit
+from nst.engine.manifest import read_manifest
+from nst.engine.session import Prepared
 
 FORMAT = "nst-targets"
 FORMAT_VERSION = 1
@@ -47,8 +47,8 @@ def describe(p: Prepared, export_dir: str | Path) -> dict:
         "taps": manifest["taps"],
         # Each weight is the layer weight times its --content-norm / --gram-norm factor at
         # this size, so a host that computes the default (mean) losses gets every norm.
-        "content_layers": [[n, w] for (n, _), w in zip(p.targets.content_layers, p.targets.content_scale)],
-        "style_layers": [[n, w] for (n, _), w in zip(p.targets.style_layers, p.targets.style_scale)],
+        "content_layers": [[n, w] for (n, _), w in zip(p.targets.content_layers, p.targets.content_factors)],
+        "style_layers": [[n, w] for (n, _), w in zip(p.targets.style_layers, p.targets.style_factors)],
         "gram_norm": s.gram_norm,
         "content_norm": s.content_norm,
         "style_blend": list(p.targets.style_blend),
@@ -71,8 +71,7 @@ def write_targets(p: Prepared, export_dir: str | Path, path: str | Path) -> dict
     tensors.update({f"gram_{i}": g for i, g in enumerate(p.targets.grams)})
     tensors["init"] = p.x.detach().contiguous()
     info = describe(p, export_dir)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
+    with quiet_jit():
         scripted = torch.jit.script(_Holder(tensors))
         with atomic_path(path) as tmp:
             torch.jit.save(scripted, str(tmp), _extra_files={EXTRA_NAME: json.dumps(info)})

@@ -1,0 +1,24 @@
+"""The benchmarks' images: the demo's drawings (no files needed), or files named explicitly."""
+
+from __future__ import annotations
+
+import functools
+
+from nst.engine.demo import make_content, make_style
+from nst.engine.imageio import load_image, pil_to_tensor, resize_to
+
+
+@functools.lru_cache(maxsize=None)
+def drawn_pair(size: int):
+    """The demo's content and style drawings at size x size, (3, size, size) each (drawn
+    once per size; no benchmark changes them)."""
+    content = resize_to(pil_to_tensor(make_content()), (size, size))
+    style = resize_to(pil_to_tensor(make_style(seed=1)), (size, size))
+    return content, style
+
+
+def content_and_style(content: str | None, style: str | None):
+    """(content, style, content source, style source): the files given, else the drawings."""
+    c = (load_image(content), content) if content else (pil_to_tensor(make_content()), "demo drawing")
+    s = (load_image(style), style) if style else (pil_to_tensor(make_style(seed=1)), "demo drawing")
+    return c[0], s[0], c[1], s[1]

@@ -1,0 +1,188 @@
+"""The waterfall's rows (one per technique) and how each is set up, warmed up and timed.
+
+Order: the baselines a user could write (naive, fair eager), then the engine's techniques
+added one at a time, then the engine's defaults (also on the exported TorchScript file).
+Rows that do not apply to the device are listed as not applicable, never dropped.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nst.engine.device import sync
+from nst.engine.plan import resolve_plan
+from nst.engine.session import prepare
+from nst.engine.settings import StylizeSettings
+
+from . import flops as flops_mod
+from .baselines import TutorialLoop, vgg19_features
+from .inputs import drawn_pair
+from .timing import RSSPeak, time_steps, trim
+
+log = logging.getLogger("nst")
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    technique: str
+    kind: str  # "baseline" | "engine"
+    settings: dict | None = None  # StylizeSettings overrides for engine rows
+    needs_cuda: bool = False
+    torchscript: bool = False
+
+
+ROWS = [
+    Row("naive", "naive eager (targets every step)", "baseline: recomputes content/style features each step", "baseline"),
+    Row("eager", "eager (targets once)", "baseline: fair tutorial loop, fp32 NCHW", "baseline"),
+    Row("targets", "engine: precomputed targets", "engine reference path: fp32 NCHW eager", "engine",
+        {"reference": True}),
+    Row("channels_last", "+ channels-last", "fp32, channels-last network and image", "engine",
+        {"precision": "fp32", "memory_format": "channels_last", "cuda_graph": False}),
+    Row("bf16", "+ bf16 autocast", "bf16 convolutions, fp32 Grams/losses/image", "engine",
+        {"precision": "bf16", "memory_format": "channels_last", "cuda_graph": False}, needs_cuda=True),
+    Row("fp16", "+ fp16 autocast (instead of bf16)", "fp16 convolutions with static loss scaling", "engine",
+        {"precision": "fp16", "memory_format": "channels_last", "cuda_graph": False}, needs_cuda=True),
+    Row("graph", "+ CUDA graph", "bf16 + whole Adam step captured in one CUDA graph", "engine",
+        {"precision": "bf16", "memory_format": "channels_last", "cuda_graph": True}, needs_cuda=True),
+    Row("torchscript", "engine defaults on the exported TorchScript", "same as 'engine defaults', network from "
+        "extractor.ts", "engine", {}, torchscript=True),
+    Row("engine", "engine defaults", "what `nst stylize` runs on this device", "engine", {}),
+]
+
+
+def _row_dtype(row: Row, device) -> tuple[str, str]:
+    if row.kind == "baseline":
+        return "fp32", "contiguous"
+    p = resolve_plan(StylizeSettings(device=device.type, **(row.settings or {})))
+    return p.precision, p.memory_format
+
+
+def _make_step(row: Row, size: int, device, eager_net, weights, ts_dir, cfg):
+    """The row's step function and its stepper (None for the baselines)."""
+    content, style = drawn_pair(size)
+    if row.kind == "baseline":
+        base = StylizeSettings()
+        loop = TutorialLoop(vgg19_features(weights.state, device), content[None].to(device), style[None].to(device),
+                            base.learning_rate, base.content_weight, base.style_weight, base.tv_weight,
+                            naive=(row.key == "naive"))
+        return loop.step, None
+    settings = StylizeSettings(size=size, device=device.type, weights=cfg.weights,
+                               extractor=str(ts_dir) if row.torchscript else None, **(row.settings or {}))
+    stepper = prepare(content, [(style, 1.0)], settings, extractor=None if row.torchscript else eager_net).stepper
+    return stepper.step, stepper
+
+
+def build_row(row: Row, size: int, device, eager_net, weights, ts_dir, cfg) -> tuple[dict, object]:
+    """Set a row up and warm it up; return its record and its step function (None if n/a)."""
+    out = {"key": row.key, "label": row.label, "technique": row.technique, "kind": row.kind, "applicable": True}
+    if row.needs_cuda and device.type != "cuda":
+        out.update(applicable=False, reason="needs CUDA")
+        return out, None
+    if row.torchscript and ts_dir is None:
+        out.update(applicable=False, reason="TorchScript export failed or was skipped")
+        return out, None
+    precision, memory_format = _row_dtype(row, device)
+    out.update(dtype=precision, memory_format=memory_format)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    trim()  # return freed heap to the OS, so the RSS increase below is this row's own
+    rss_before = RSSPeak.rss()
+    with RSSPeak() as rss:
+        t_setup = time.perf_counter()
+        step, stepper = _make_step(row, size, device, eager_net, weights, ts_dir, cfg)
+        sync(device)
+        out["setup_s"] = time.perf_counter() - t_setup
+        t0 = time.perf_counter()
+        for _ in range(cfg.warmup):
+            step()
+        sync(device)
+        out["warmup_s"] = time.perf_counter() - t0
+        out["capture_s"] = stepper.capture_s if stepper is not None else 0.0
+    if device.type == "cuda":
+        out["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["peak_mem_kind"] = "torch.cuda.max_memory_allocated (setup, warm-up and timed steps)"
+    else:
+        out["peak_mem_bytes"] = max(rss.peak - rss_before, 1)
+        out["peak_mem_kind"] = "increase of process RSS over setup and warm-up (sampled)"
+    out["flops_per_step"] = flops_mod.step_flops(size, size, extra_forwards=2 if row.key == "naive" else 0)
+    return out, step
+
+
+def time_rows(built: list[tuple[dict, object]], device, cfg) -> None:
+    """Time every applicable row; fill in steps/s and the derived numbers.
+
+    On the CPU the repeats go round-robin over the rows (row 1, row 2, ..., row 1, ...),
+    so that a slow moment of a shared machine hits every row alike; on a GPU, where rows
+    cannot all stay in memory at large sizes, each row is timed in turn.
+    """
+    live = [(rec, step) for rec, step in built if step is not None]
+    per_step: dict[int, list[float]] = {id(rec): [] for rec, _ in live}
+    if cfg.interleave:
+        for _ in range(cfg.repeats):
+            for rec, step in live:
+                per_step[id(rec)] += time_steps(step, device, 0, cfg.steps, 1)["repeats_s_per_step"]
+    else:
+        for rec, step in live:
+            per_step[id(rec)] = time_steps(step, device, 0, cfg.steps, cfg.repeats)["repeats_s_per_step"]
+    for rec, _ in live:
+        ts = per_step[id(rec)]
+        med = statistics.median(ts)
+        rec.update(steps_per_s=1.0 / med, ms_per_step=med * 1e3, repeats_ms_per_step=[t * 1e3 for t in ts],
+                   tflops=rec["flops_per_step"] / med / 1e12)
+        if device.type == "cuda":
+            rec["peak_mem_bytes"] = max(rec["peak_mem_bytes"], torch.cuda.max_memory_allocated(device))
+
+
+def run_size(size: int, device, eager_net, weights, ts_dir, cfg) -> list[dict]:
+    """Every row at one size: built (and, on a GPU, timed) one by one, then timed round-robin."""
+    rows, built = [], []
+    for row in ROWS:
+        log.info("size %d: %s", size, row.label)
+        try:
+            rec, step = build_row(row, size, device, eager_net, weights, ts_dir, cfg)
+            built.append((rec, step))
+            if not cfg.interleave and step is not None:
+                time_rows([(rec, step)], device, cfg)
+                built[-1] = (rec, None)  # timed: let it go before the next row
+                del step
+        except torch.cuda.OutOfMemoryError:
+            rec = {"key": row.key, "label": row.label, "technique": row.technique, "kind": row.kind,
+                   "applicable": True, "oom": True, "reason": "out of GPU memory"}
+            built.append((rec, None))
+            gc.collect()
+            torch.cuda.empty_cache()
+        rows.append(built[-1][0])
+    if cfg.interleave:
+        log.info("size %d: timing %d rows round-robin", size, sum(1 for _, s in built if s is not None))
+        time_rows(built, device, cfg)
+    built.clear()
+    gc.collect()
+    return rows
+
+
+def derive(rows: list[dict], peaks: dict, device) -> None:
+    """Speed-ups against the baselines and the fraction of the matching matmul peak."""
+    by = {r["key"]: r for r in rows}
+    for r in rows:
+        if not r.get("steps_per_s"):
+            continue
+        for base in ("naive", "eager"):
+            b = by.get(base, {})
+            if b.get("steps_per_s"):
+                r[f"speedup_vs_{base}"] = r["steps_per_s"] / b["steps_per_s"]
+        dtype = r.get("dtype", "fp32")
+        # On CUDA, fp32 convolutions run in TF32 by default (cudnn.allow_tf32): compare with that peak.
+        peak_key = "tf32" if device.type == "cuda" and dtype == "fp32" and torch.backends.cudnn.allow_tf32 else dtype
+        if peak_key in peaks:
+            r["peak_key"] = peak_key
+            r["peak_fraction"] = r["tflops"] * 1e12 / peaks[peak_key]

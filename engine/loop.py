@@ -1,0 +1,176 @@
+"""The optimisation loop: step, record, report through a callback, keep the best image.
+
+    step(x):  features(x) -> content + style + TV losses -> d loss / d x -> update -> clamp
+
+``run`` prepares a render at one size (engine/session.py) and runs it; ``optimize`` runs a
+prepared one. Host synchronisation happens only every ``progress_every`` steps (reading
+the loss for the progress report, the NaN check and the best-image bookkeeping); each
+such place is marked ``# host sync``. Progress bars, intermediate files and GIF frames
+are the callback's business (engine/progress.py, nst/stylize_cmd.py), not the loop's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .color import original_colors
+from .device import sync
+from .errors import NonFiniteLossError
+from .session import Prepared, prepare
+from .settings import StylizeSettings
+from .stats import Result, RunStats
+
+
+@dataclass
+class StepInfo:
+    """What the callback sees after each step."""
+
+    step: int  # steps done in this run (1-based)
+    steps: int  # steps planned in this run
+    losses: list[float] | None  # [total, content, style, tv] at progress intervals, else None
+    steps_per_s: float  # since the first step of this run
+    x: torch.Tensor  # the image being optimised (a live view: copy it, or call image())
+    before: int = 0  # steps of the earlier scales of a multi-scale render
+
+    @property
+    def render_step(self) -> int:
+        """Steps done over the whole render (all scales so far)."""
+        return self.before + self.step
+
+    def image(self) -> torch.Tensor:
+        """The current image, (3, H, W) float32 on the CPU in [0, 1]."""
+        return self.x.detach().float().clamp(0, 1)[0].cpu()  # host sync: only when a callback asks
+
+
+Callback = Callable[[StepInfo], None]
+
+
+def chain(*callbacks: Callback | None) -> Callback | None:
+    """One callback that calls each of ``callbacks`` in turn (None where there are none)."""
+    live = [c for c in callbacks if c is not None]
+    if len(live) <= 1:
+        return live[0] if live else None
+
+    def call_all(info: StepInfo) -> None:
+        for c in live:
+            c(info)
+
+    return call_all
+
+
+class _Best:
+    """The best image seen at a progress interval (the losses are only read there)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.snap = torch.empty_like(x, memory_format=torch.preserve_format).detach()
+        self.image = torch.empty_like(self.snap)
+        self.loss, self.step = math.inf, -1
+
+    def offer(self, loss: float, step: int, image: torch.Tensor, ties: bool = False) -> None:
+        if loss < self.loss or (ties and loss == self.loss):
+            self.loss, self.step = loss, step
+            self.image.copy_(image)
+
+
+def run(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], settings: StylizeSettings | None = None,
+        extractor=None, init: str | torch.Tensor | None = None, callback: Callback | None = None) -> Result:
+    """Stylise ``content`` (3, H, W) with ``styles`` [((3, h, w), weight)], values in [0, 1].
+
+    ``extractor`` defaults to the one ``settings`` describe (``--extractor`` export dir or
+    ``--weights``); ``callback(StepInfo)`` is called after every step.
+    """
+    t_start = time.perf_counter()
+    p = prepare(content, styles, settings or StylizeSettings(), extractor, init)
+    return optimize(p, callback, t_start)
+
+
+def optimize(p: Prepared, callback: Callback | None = None, t_start: float | None = None) -> Result:
+    """Run the steps of a prepared render; ``settings.time_limit`` counts from ``t_start``."""
+    s, stepper, x = p.settings, p.stepper, p.x
+    t_start = time.perf_counter() if t_start is None else t_start
+    stats = _new_stats(p)
+    hist = torch.full((s.steps, 4), float("nan"), device=x.device)  # per step [total, content, style, tv]
+    best = _Best(x)
+    scheduled = s.lr_schedule != "constant"
+    sync(x.device)
+    stats.setup_s = time.perf_counter() - t_start
+    t0 = time.perf_counter()
+    done = 0
+    try:
+        for i in range(s.steps):
+            if s.time_limit is not None and i > 0 and time.perf_counter() - t_start > s.time_limit:
+                stats.stopped = "time-limit"
+                break
+            report = i % s.progress_every == 0 or i == s.steps - 1
+            if report:
+                best.snap.copy_(x.detach())  # the image this step evaluates
+            if scheduled:
+                stepper.set_lr(s.lr_at(i))
+            hist[i].copy_(stepper.step())
+            done = i + 1
+            losses = hist[i].tolist() if report else None  # host sync: progress interval only
+            if losses is not None:
+                if not all(math.isfinite(v) for v in losses):
+                    stats.stopped = "non-finite"
+                    break
+                best.offer(losses[0], i, best.snap)
+            if callback is not None:
+                callback(StepInfo(done, s.steps, losses, done / max(time.perf_counter() - t0, 1e-9), x))
+    except KeyboardInterrupt:
+        stats.stopped = "interrupted"
+    sync(x.device)
+    stats.loop_s = time.perf_counter() - t0
+    return _finish(p, stats, hist, done, best, t_start)
+
+
+def _new_stats(p: Prepared) -> RunStats:
+    plan, mem = p.plan, p.memory
+    return RunStats(
+        steps_planned=p.settings.steps, size=p.out_hw, device=plan.device, precision=plan.precision, path=plan.path,
+        memory_format=plan.memory_format, cuda_graph=plan.cuda_graph, optimizer=p.settings.optimizer,
+        weights=str(p.weights_info.get("source", "")), checkpointing=mem.checkpoint,
+        memory_estimate_bytes=mem.checkpointed_bytes if mem.checkpoint else mem.estimate_bytes,
+    )
+
+
+def _finish(p: Prepared, stats: RunStats, hist: torch.Tensor, done: int, best: _Best, t_start: float) -> Result:
+    """Fill in the statistics and pick the returned image: the final image (evaluated once
+    more here, without a step) or the best one seen at a progress interval."""
+    stats.capture_s = p.stepper.capture_s
+    stats.steps_run = done
+    stats.steps_per_s = done / stats.loop_s if stats.loop_s > 0 else 0.0
+    h = hist[:done].cpu()
+    stats.loss, stats.content, stats.style, stats.tv = (h[:, k].tolist() for k in range(4))
+    if stats.stopped != "non-finite":
+        with torch.no_grad():
+            final = p.objective(p.x.detach()).tolist()
+        if math.isfinite(final[0]):
+            best.offer(final[0], done, p.x.detach(), ties=True)  # on a tie, the image with more steps
+    stats.final_loss, stats.image_from_step = best.loss, best.step
+    stats.total_s = time.perf_counter() - t_start
+    result = None
+    if best.step >= 0:
+        image = best.image.detach().float().clamp(0, 1)
+        if p.settings.original_colors:
+            image = original_colors(image, p.content_img)
+        result = Result(image[0].contiguous().cpu(), stats)
+    if stats.stopped == "non-finite":
+        raise NonFiniteLossError(_nonfinite_message(hist[:done], p, best.step), result)
+    return result
+
+
+def _nonfinite_message(hist: torch.Tensor, p: Prepared, good_step: int) -> str:
+    bad = (~torch.isfinite(hist)).any(dim=1).nonzero()
+    step = int(bad[0, 0]) + 1 if len(bad) else hist.shape[0]
+    advice = [f"a lower --lr (now {p.settings.learning_rate:g})"]
+    if p.plan.precision == "fp16":
+        advice.insert(0, "--precision bf16 or fp32, or a smaller --loss-scale")
+    elif p.plan.precision == "bf16":
+        advice.insert(0, "--precision fp32")
+    kept = f"the last good image is from step {good_step}" if good_step >= 0 else "no good image was reached"
+    return f"the loss became NaN or Inf at step {step} of {p.settings.steps}; {kept}; try {' or '.join(advice)}"

@@ -1,0 +1,58 @@
+"""The plan of a render: what the loop will actually run on this machine.
+
+Resolved once from the settings and the machine: device, precision, memory format,
+whether the Adam step is captured in a CUDA graph, and which path (fast or reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .device import resolve_device
+from .errors import InputError
+from .settings import StylizeSettings
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str  # "cpu" | "cuda"
+    precision: str  # "fp32" | "bf16" | "fp16"
+    channels_last: bool
+    cuda_graph: bool
+    path: str  # "fast" | "reference"
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+    @property
+    def memory_format(self) -> str:
+        return "channels_last" if self.channels_last else "contiguous"
+
+    @property
+    def act_bytes(self) -> int:
+        """Bytes per activation element of the convolutions (for the memory plan)."""
+        return 4 if self.precision == "fp32" else 2
+
+
+def resolve_plan(settings: StylizeSettings) -> Plan:
+    device = resolve_device(settings.device).type
+    if settings.reference:
+        return Plan(device, "fp32", False, False, "reference")
+    # auto: channels-last everywhere; it measured faster on the CPU and on CUDA
+    # (bench/results/ has the numbers).
+    channels_last = settings.memory_format in ("auto", "channels_last")
+    prec = settings.precision
+    if device == "cpu":
+        if prec in ("bf16", "fp16"):
+            raise InputError(f"--precision {prec} needs a CUDA GPU; on the CPU the engine runs float32")
+        return Plan("cpu", "fp32", channels_last, False, "fast")
+    bf16_ok = torch.cuda.is_bf16_supported()
+    if prec == "auto":
+        prec = "bf16" if bf16_ok else "fp32"
+    if prec == "bf16" and not bf16_ok:
+        raise InputError("--precision bf16: this GPU does not support bfloat16; use fp16 or fp32")
+    graph = settings.cuda_graph and settings.optimizer == "adam"
+    return Plan("cuda", prec, channels_last, graph, "fast")

@@ -1,0 +1,46 @@
+"""Progress reporting for a render: a loop callback that draws a tqdm bar on a terminal and
+logs one line per progress interval elsewhere. The loop itself never prints."""
+
+from __future__ import annotations
+
+import logging
+
+from .loop import StepInfo
+
+log = logging.getLogger("nst")
+
+
+class ProgressBar:
+    """``callback=ProgressBar()``: one bar per run (per scale, in a multi-scale render)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, info: StepInfo) -> None:
+        if info.step == 1:
+            self._open(info.steps)
+        if self.bar is not None:
+            self.bar.update(1)
+        if info.losses is None:
+            return
+        total, c, s, tv = info.losses
+        if self.bar is not None:
+            # tqdm shows its own rate; the postfix only changes at progress intervals.
+            self.bar.set_postfix_str(f"loss {total:.4g} (c {c:.3g} s {s:.3g} tv {tv:.3g})", refresh=False)
+        else:
+            log.info("step %d/%d loss %.4g (content %.3g style %.3g tv %.3g) %.2f step/s", info.step, info.steps,
+                     total, c, s, tv, info.steps_per_s)
+        if info.step == info.steps:
+            self.close()
+
+    def _open(self, steps: int) -> None:
+        from tqdm import tqdm
+
+        self.close()
+        bar = tqdm(total=steps, unit="step", dynamic_ncols=True, leave=True, disable=None)
+        self.bar = None if bar.disable else bar  # not a terminal: log lines instead
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,154 @@
+"""A render prepared at one size: the network placed, the targets computed once, the
+start image and the stepper built. ``prepare`` is the entry point; the loop
+(engine/loop.py) only calls the stepper.
+
+The API borrows: a module or tensor the caller passes in is never moved, cast or
+flagged. The engine works on its own copy of the network where it needs another device,
+layout or activation checkpointing (or on the caller's module, unchanged, where it
+does not).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+from .imageio import resize_to
+from .loader import load_extractor
+from .memory import MemoryPlan, plan_memory
+from .objective import Objective
+from .plan import Plan, resolve_plan
+from .settings import StylizeSettings
+from .sizes import fit_long_edge
+from .steppers import Stepper, make_stepper
+from .targets import Targets, compute_targets
+
+log = logging.getLogger("nst")
+
+_WARNED: set = set()
+
+
+@dataclass
+class Prepared:
+    """Everything a loop needs, built once per size."""
+
+    settings: StylizeSettings
+    plan: Plan
+    stepper: Stepper  # .step() -> (4,) losses of the image it evaluated
+    objective: Objective
+    x: torch.Tensor  # (1, 3, H, W) float32, the optimised image
+    targets: Targets
+    content_img: torch.Tensor  # (1, 3, H, W) on the device
+    out_hw: tuple[int, int]
+    weights_info: dict
+    memory: MemoryPlan
+
+
+def place_network(net, device: torch.device, channels_last: bool, checkpoint: bool = False, owned: bool = False):
+    """The network the engine runs: on ``device``, in the layout asked for.
+
+    Modules that know how (the eager extractor, a loaded TorchScript extractor) return
+    themselves when nothing changes and a copy otherwise (converted in place only when
+    ``owned``: already the engine's own copy). Any other module is used as it is on its
+    own device (a channels-last input still gives channels-last convolutions) and copied
+    to reach another one.
+    """
+    if hasattr(net, "placed"):
+        return net.placed(device, channels_last, checkpoint, owned=owned)
+    if checkpoint:
+        raise InputError("activation checkpointing needs the engine's own extractor (--checkpointing off)")
+    param = next(iter(net.parameters()), None) if hasattr(net, "parameters") else None
+    if param is None or param.device == device or (device.index is None and param.device.type == device.type):
+        return net
+    return (net if owned else copy.deepcopy(net)).to(device)
+
+
+def init_image(init: str | torch.Tensor, content: torch.Tensor, styles, seed: int) -> torch.Tensor:
+    """The start image (1, 3, H, W) float32, on content's device."""
+    hw = tuple(content.shape[-2:])
+    if isinstance(init, torch.Tensor):
+        img = init if init.dim() == 4 else init.unsqueeze(0)
+        return resize_to(img.float().to(content.device), hw).clone()
+    if init == "content":
+        return content.clone()
+    if init == "noise":
+        gen = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on any device
+        return torch.rand(1, 3, *hw, generator=gen).to(content.device)
+    if init == "style":
+        return resize_to(styles[0][0], hw).clone()
+    raise InputError(f"unknown --init {init!r}: use content, noise, style, or an image file")
+
+
+def _warn_random(weights_info: dict) -> None:
+    if weights_info.get("random") and weights_info.get("source") not in _WARNED:
+        _WARNED.add(weights_info.get("source"))  # once per process, not once per scale
+        log.warning("using %s: %s", weights_info.get("source"), weights_info.get("note"))
+
+
+def _images(content, styles, settings: StylizeSettings, min_side: int, device) -> tuple:
+    """Content (1, 3, H, W) at the output size and the style images at theirs, on the device."""
+    out_hw = settings.output_hw(tuple(content.shape[-2:]))
+    if min(out_hw) < min_side:
+        raise InputError(
+            f"output size {out_hw[0]}x{out_hw[1]} is too small for the network: each side needs at least "
+            f"{min_side} px (raise --size or --resize)"
+        )
+    content_img = resize_to(content.float(), out_hw).unsqueeze(0).to(device)  # (1, 3, H, W)
+    style_long = max(1, round(settings.style_scale * max(out_hw)))
+    style_imgs = []
+    for img, w in styles:
+        hw = fit_long_edge(tuple(img.shape[-2:]), style_long)
+        if min(hw) < min_side:
+            raise InputError(
+                f"a style image scaled to {hw[0]}x{hw[1]} is too small for the network (at least {min_side} px per "
+                "side): raise --style-scale or --size"
+            )
+        style_imgs.append((resize_to(img.float(), hw).unsqueeze(0).to(device), float(w)))
+    return out_hw, content_img, style_imgs
+
+
+def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], settings: StylizeSettings,
+            extractor=None, init: str | torch.Tensor | None = None) -> Prepared:
+    """Resolve the plan, place the network, compute the targets once, build the stepper.
+
+    content: (3, H, W) and styles [((3, h, w), weight)], values in [0, 1], on any device.
+    """
+    plan = resolve_plan(settings)
+    device = torch.device(plan.device)
+    if extractor is None:
+        extractor = load_extractor(settings.extractor, settings.weights, settings.taps(), settings.pool,
+                                   settings.network)
+    weights_info = getattr(extractor, "weights_info", {}) or {}
+    _warn_random(weights_info)
+    out_hw, content_img, style_imgs = _images(content, styles, settings, extractor.min_side, device)
+
+    # The memory plan, before anything large is allocated: plain, checkpointed, or refused.
+    can_ckpt = getattr(extractor, "can_checkpoint", False)
+    if settings.checkpointing == "on" and not can_ckpt:
+        raise InputError("--checkpointing on needs the eager extractor; a TorchScript extractor cannot recompute blocks")
+    mem = plan_memory(*out_hw, settings.taps(), settings.network, plan.act_bytes, settings.pool, plan.device,
+                      settings.checkpointing, settings.memory_limit, can_ckpt)
+    log.debug("%s", mem.describe())
+    if mem.checkpoint:
+        log.info("%s", mem.describe())
+
+    # Targets: once, float32, NCHW, whatever the loop runs in; then the loop's own network.
+    ref_net = place_network(extractor, device, channels_last=False)
+    content_layers, style_layers = settings.layer_weights()
+    targets = compute_targets(ref_net, content_img, style_imgs, content_layers, style_layers, settings.gram_norm,
+                              settings.content_norm)
+    net = place_network(ref_net, device, plan.channels_last, mem.checkpoint, owned=ref_net is not extractor)
+
+    x = init_image(init if init is not None else settings.init, content_img, style_imgs, settings.seed)
+    if plan.channels_last and settings.optimizer == "adam":
+        # (L-BFGS flattens its parameters with .view(-1), so its image stays NCHW; the
+        # network converts its input to channels-last inside.)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.detach().requires_grad_(True)  # (1, 3, H, W) float32, the only thing optimised
+    objective = Objective(net, targets, settings, plan)
+    stepper = make_stepper(objective, x, settings, plan)
+    return Prepared(settings, plan, stepper, objective, x, targets, content_img, out_hw, weights_info, mem)

@@ -1,0 +1,47 @@
+"""What a render reports: per-step statistics (``RunStats``) and the ``Result``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class RunStats:
+    """Per-step statistics of one render (lists are per step, in order)."""
+
+    steps_planned: int
+    steps_run: int = 0
+    loss: list[float] = field(default_factory=list)
+    content: list[float] = field(default_factory=list)
+    style: list[float] = field(default_factory=list)
+    tv: list[float] = field(default_factory=list)
+    final_loss: float = float("nan")  # loss of the returned image
+    image_from_step: int = 0  # how many steps had been applied to the returned image
+    stopped: str | None = None  # None (all steps ran), "time-limit", "interrupted", "non-finite"
+    setup_s: float = 0.0  # targets (and everything else before the first step)
+    loop_s: float = 0.0  # wall time of the steps, synchronised
+    capture_s: float = 0.0  # CUDA graph capture, included in loop_s
+    steps_per_s: float = 0.0
+    size: tuple[int, int] = (0, 0)
+    device: str = ""
+    precision: str = ""
+    path: str = ""
+    memory_format: str = ""
+    cuda_graph: bool = False
+    checkpointing: bool = False
+    memory_estimate_bytes: int = 0
+    scales: list = field(default_factory=list)  # multi-scale: per-scale plan and outcome
+    total_s: float = 0.0  # from the start of the render (or of the budget's clock) to the result
+    optimizer: str = ""
+    weights: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Result:
+    image: torch.Tensor  # (3, H, W) float32 on the CPU, in [0, 1]
+    stats: RunStats

@@ -1,0 +1,174 @@
+"""The steppers: one optimisation step per call, behind one small protocol.
+
+- ``AdamStep``: eager Adam (the reference path uses torch's single-tensor Adam; the CPU
+  fast path the multi-tensor one; CUDA the fused one);
+- ``GraphAdamStep``: the same step captured in one CUDA graph and replayed (static
+  shapes, buffers allocated once per size);
+- ``LBFGSStep``: one L-BFGS iteration per call, its history carried between calls.
+
+``make_stepper`` picks one for a plan. Every step returns the (4,) losses of the image it
+evaluated, as a device tensor: reading it is the caller's host sync, not the stepper's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Protocol
+
+import torch
+
+from .objective import Objective
+from .plan import Plan
+from .settings import StylizeSettings
+
+GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN autotune, Adam state)
+
+
+class Stepper(Protocol):
+    warmup_steps: int  # steps before the step time is steady (a graph: warm-up and capture)
+    capture_s: float  # seconds spent capturing a CUDA graph (0 without one)
+
+    def step(self) -> torch.Tensor:
+        """One step; the (4,) losses [total, content, style, tv] of the image before it."""
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next steps (no host sync)."""
+
+
+class AdamStep:
+    """Eager Adam step; the reference uses the textbook single-tensor Adam."""
+
+    warmup_steps = 1
+    capture_s = 0.0
+
+    def __init__(self, objective: Objective, x: torch.Tensor, lr: float, plan: Plan, loss_scale: float | None,
+                 scheduled: bool = False):
+        self.objective, self.x = objective, x
+        if plan.path == "reference":
+            kw = {"foreach": False}
+        elif plan.device == "cuda":
+            kw = {"fused": True, "capturable": plan.cuda_graph}
+        else:
+            kw = {"foreach": True}
+        if plan.cuda_graph and scheduled:
+            # A captured graph reads the learning rate from device memory: a tensor that
+            # set_lr refills between replays (fused, capturable Adam accepts one).
+            lr = torch.tensor(lr, dtype=torch.float32, device=x.device)
+        self.opt = torch.optim.Adam([x], lr=lr, **kw)
+        self.scale = loss_scale
+
+    def set_lr(self, lr: float) -> None:
+        group = self.opt.param_groups[0]
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)  # a device-side fill: no host sync
+        else:
+            group["lr"] = lr
+
+    def _body(self) -> torch.Tensor:
+        parts = self.objective(self.x)
+        loss = parts[0] * self.scale if self.scale else parts[0]
+        loss.backward()
+        if self.scale:
+            self.x.grad.mul_(1.0 / self.scale)  # unscale before the update
+        self.opt.step()
+        with torch.no_grad():
+            self.x.clamp_(0.0, 1.0)
+        return parts.detach()
+
+    def step(self) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        return self._body()
+
+
+class GraphAdamStep(AdamStep):
+    """The Adam step captured in a CUDA graph after a few eager warm-up steps.
+
+    Every call is one real optimisation step: the first GRAPH_WARMUP_STEPS run eagerly on
+    a side stream, the next one captures and then replays, later ones only replay.
+    """
+
+    warmup_steps = GRAPH_WARMUP_STEPS + 1
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_parts: torch.Tensor | None = None
+        self.side = torch.cuda.Stream()
+        self.capture_s = 0.0
+
+    def step(self) -> torch.Tensor:
+        if self.calls < GRAPH_WARMUP_STEPS:
+            self.calls += 1
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                self.opt.zero_grad(set_to_none=True)
+                parts = self._body()
+            torch.cuda.current_stream().wait_stream(self.side)
+            return parts
+        if self.graph is None:
+            t0 = time.perf_counter()
+            self.objective.cache = False
+            self.opt.zero_grad(set_to_none=True)  # grads get allocated from the graph's pool
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_parts = self._body()
+            self.capture_s = time.perf_counter() - t0
+        self.calls += 1
+        self.graph.replay()
+        return self.static_parts
+
+
+class LBFGSStep:
+    """One L-BFGS iteration per call; its history carries over between calls.
+
+    Not part of the fast path's no-sync promise: L-BFGS reads the loss on the host.
+
+    It minimises loss / loss_0, loss_0 being the first evaluation's loss (a constant): the
+    minimiser and the updates are those of the loss itself, but torch's absolute thresholds
+    (stop when max |grad| <= 1e-7; skip the curvature update when y.s <= 1e-10) no longer
+    depend on the loss's units. Losses in small units (the sum-normalised recipes, random
+    or non-Caffe-scaled networks) had stalled L-BFGS for good on its first step otherwise.
+    """
+
+    warmup_steps = 1
+    capture_s = 0.0
+
+    def __init__(self, objective: Objective, x: torch.Tensor, lr: float, history: int):
+        self.objective, self.x = objective, x
+        self.opt = torch.optim.LBFGS([x], lr=lr, max_iter=1, history_size=history)
+        self.inv_scale: float | None = None
+
+    def set_lr(self, lr: float) -> None:
+        self.opt.param_groups[0]["lr"] = lr
+
+    def step(self) -> torch.Tensor:
+        first: list[torch.Tensor] = []
+
+        def closure():
+            self.opt.zero_grad(set_to_none=True)
+            parts = self.objective(self.x)
+            if self.inv_scale is None:
+                l0 = abs(float(parts[0].detach()))  # host sync: once, at the first evaluation
+                self.inv_scale = 1.0 / l0 if math.isfinite(l0) and l0 > 0 else 1.0
+            loss = parts[0] * self.inv_scale
+            loss.backward()
+            if not first:
+                first.append(parts.detach())
+            return loss
+
+        self.opt.step(closure)
+        with torch.no_grad():
+            self.x.clamp_(0.0, 1.0)
+        return first[0]
+
+
+def make_stepper(objective: Objective, x: torch.Tensor, settings: StylizeSettings, plan: Plan) -> Stepper:
+    """The stepper for ``settings.optimizer`` on this plan, optimising ``x`` in place."""
+    if settings.optimizer == "lbfgs":
+        return LBFGSStep(objective, x, settings.learning_rate, settings.lbfgs_history)
+    scale = settings.loss_scale if plan.precision == "fp16" else None
+    scheduled = settings.lr_schedule != "constant"
+    cls = GraphAdamStep if plan.cuda_graph else AdamStep
+    return cls(objective, x, settings.learning_rate, plan, scale, scheduled)

@@ -1,0 +1,70 @@
+"""The command line's jobs: a settings value plus the files it reads and writes.
+
+A job holds its settings (``job.settings``) rather than inheriting them, so the numerical
+core only ever sees a :class:`StylizeSettings`; nst/flags.py flattens the nested settings
+into one list of options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nst.engine.errors import InputError
+from nst.engine.imageio import MAX_PIXELS
+from nst.engine.settings import DEVICES, StylizeSettings, option
+
+
+def _style_option(help: str):
+    return option(None, help=help, action="append", metavar="STYLE[:WEIGHT]", required=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StylizeJob:
+    """``nst stylize``: a render from files."""
+
+    content: str = option(help="content image file", positional=True, metavar="CONTENT")
+    style: list[str] | None = _style_option("style image, optionally with a relative weight: --style a.jpg --style "
+                                            "b.jpg:0.3 (repeat for several; weights are normalised)")
+    output: str = option(help="output image; the extension picks the format (.png .jpg .webp .tif)",
+                         aliases=("-o",), metavar="OUT")
+    settings: StylizeSettings = option(StylizeSettings(), help="the render's settings", nested=True)
+    save_every: int = option(0, help="also write the image every N steps, as OUT-stem_NNNNN.ext", metavar="N")
+    gif: str | None = option(None, help="also write an animated GIF of the image forming (frames at most "
+                             "512 px)", metavar="FILE.gif")
+    gif_every: int = option(0, help="steps between GIF frames (0: about 50 frames per scale)", metavar="N")
+    stats: str | None = option(None, help="write per-step statistics and timings as JSON to this file",
+                               metavar="FILE")
+    max_pixels: int = option(MAX_PIXELS, help="refuse input images with more pixels than this "
+                             "(decompression bombs)")
+
+    def __post_init__(self) -> None:
+        if self.save_every < 0 or self.gif_every < 0:
+            raise InputError("--save-every and --gif-every must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetsJob:
+    """``nst targets``: content features, style Grams and start image for a C++ host."""
+
+    content: str = option(help="content image file", positional=True, metavar="CONTENT")
+    style: list[str] | None = _style_option("style image, optionally with a relative weight (repeat for several)")
+    output: str = option(help="targets file to write (a TorchScript module of tensors, e.g. targets.pt)",
+                         aliases=("-o",), metavar="OUT")
+    # The settings of the targets only: the loop's (steps, optimiser, device...) are the
+    # host's business; the C++ host runs a constant learning rate.
+    settings: StylizeSettings = option(StylizeSettings(), help="the render's settings", nested=True,
+                                       omit="loop_only")
+    max_pixels: int = option(MAX_PIXELS, help="refuse input images with more pixels than this")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """``nst demo``: a render of images the project draws itself, with no network."""
+
+    out: str = option("nst-demo", help="directory for the demo's images", metavar="DIR")
+    size: int = option(256, help="long edge of the output in px")
+    steps: int = option(100, help="optimisation steps")
+    weights: str = option("auto", help="auto: ImageNet weights if already cached, else seeded random weights; "
+                          "or any --weights spec", metavar="SPEC")
+    device: str = option("auto", help="where to run", choices=DEVICES)
+    seed: int = option(0, help="seed for the drawn style image and random weights")

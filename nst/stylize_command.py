@@ -1,0 +1,118 @@
+"""``nst stylize``: load the images, render, write the image (and intermediates, a GIF,
+statistics), and say what happened. The render itself is nst.engine's."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from nst.engine.budget import budget_margin
+from nst.engine.errors import NonFiniteLossError, NSTError
+from nst.engine.fsutil import atomic_write_text
+from nst.engine.imageio import GIF_LONG_EDGE, check_gif_path, check_output_path, check_writable, gif_frame, save_gif, \
+    save_image
+from nst.engine.loop import StepInfo, chain
+from nst.engine.multiscale import render
+from nst.engine.progress import ProgressBar
+from nst.engine.sizes import fit_long_edge
+
+from .inputs import load_inputs
+from .jobs import StylizeJob
+
+
+class Keeper:
+    """A loop callback that writes ``OUT-stem_NNNNN.ext`` every ``save_every`` steps and
+    collects GIF frames every ``gif_every`` steps (numbered over all scales)."""
+
+    def __init__(self, out: Path, save_every: int, gif_hw: tuple[int, int] | None, gif_every: int):
+        self.out, self.save_every = out, save_every
+        self.gif_hw, self.gif_every = gif_hw, gif_every
+        self.frames = []
+
+    def __call__(self, info: StepInfo) -> None:
+        n = info.render_step
+        save = self.save_every and n % self.save_every == 0
+        frame = self.gif_hw is not None and n % self.gif_every == 0
+        if save or frame:
+            image = info.image()  # host sync: only at the steps that write
+            if save:
+                save_image(image, self.out.with_name(f"{self.out.stem}_{n:05d}{self.out.suffix}"))
+            if frame:
+                self.frames.append(gif_frame(image, self.gif_hw))
+
+    def write_gif(self, path: str, final) -> str:
+        """End on the image that was written (held 2 s), then write the GIF."""
+        last = gif_frame(final, self.gif_hw)
+        if not self.frames or last.tobytes() != self.frames[-1].tobytes():
+            self.frames.append(last)
+        save_gif(self.frames, path)
+        return f"wrote {path} ({len(self.frames)} frames, {self.gif_hw[1]}x{self.gif_hw[0]})"
+
+
+def show_plan(settings):
+    def show(plans):
+        if settings.time_budget is None:
+            print("scales: " + ", ".join(f"{sc.wxh} ({sc.steps} steps)" for sc in plans))
+            return
+        print(f"plan for a {settings.time_budget:g} s budget (calibrated; {budget_margin(settings.time_budget):.1f} s "
+              "kept for writing and noise):")
+        for i, sc in enumerate(plans, 1):
+            print(f"  scale {i}: {sc.wxh}  {sc.step_s * 1e3:8.1f} ms/step  {sc.steps:5d} steps  "
+                  f"{sc.planned_s:6.1f} s planned")
+    return show
+
+
+def _report(result, settings, out: Path, t_start: float) -> int:
+    st = result.stats
+    if st.scales and settings.time_budget is not None:
+        total = time.perf_counter() - t_start
+        print(f"planned against actual ({total:.1f} s of a {settings.time_budget:g} s budget, image written):")
+        for i, sc in enumerate(st.scales, 1):
+            print(f"  scale {i}: {sc['hw'][1]}x{sc['hw'][0]}  planned {sc['steps_planned']} steps / "
+                  f"{sc['planned_s']:.1f} s, ran {sc['steps_run']} steps / {sc['actual_s']:.1f} s")
+    h, w = st.size
+    print(f"wrote {out} ({w}x{h}, {st.steps_run} steps, loss {st.loss[0]:.4g} -> {st.final_loss:.4g}, "
+          f"{st.steps_per_s:.2f} steps/s on {st.device} {st.precision} {st.path} path)")
+    if st.stopped in ("time-limit", "interrupted"):
+        why = "the time limit was reached" if st.stopped == "time-limit" else "interrupted"
+        print(f"nst: stopped early ({why}) after {st.steps_run} of {st.steps_planned} steps; "
+              f"wrote the best image so far (after {st.image_from_step} steps)", file=sys.stderr)
+        return 130 if st.stopped == "interrupted" else 0
+    return 0
+
+
+def stylize_command(job: StylizeJob, quiet: bool, t_start: float) -> int:
+    """Run ``nst stylize``; ``t_start`` is when a --time-budget's clock started."""
+    settings = job.settings
+    # Everything that can be refused is refused before any work: output paths, inputs.
+    out = check_output_path(job.output)
+    if job.stats:
+        check_writable(Path(job.stats), "--stats")
+    if job.gif:
+        check_gif_path(job.gif)
+    content, styles, init = load_inputs(job)
+    gif_hw = None
+    if job.gif:
+        final_hw = settings.output_hw(tuple(content.shape[-2:]))
+        gif_hw = fit_long_edge(final_hw, min(GIF_LONG_EDGE, max(final_hw)))
+    keeper = Keeper(out, job.save_every, gif_hw, job.gif_every or max(1, settings.steps // 50))
+    bar = None if quiet else ProgressBar()
+    try:
+        result = render(content, styles, settings, init=init, callback=chain(bar, keeper), t_start=t_start,
+                        on_plan=show_plan(settings))
+    except NonFiniteLossError as e:
+        if e.result is not None:
+            save_image(e.result.image, out)
+            raise NSTError(f"{e}; wrote it to {out}") from None
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    save_image(result.image, out)
+    if job.gif:
+        print(keeper.write_gif(job.gif, result.image))
+    if job.stats:
+        atomic_write_text(job.stats, json.dumps(result.stats.to_dict(), indent=1) + "\n")
+    return _report(result, settings, out, t_start)
