@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from nst.engine.device import float32_math_now
+
 
 def environment(device) -> dict:
     from importlib import metadata
@@ -30,8 +32,7 @@ def environment(device) -> dict:
         props = torch.cuda.get_device_properties(device)
         env.update(device=props.name, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                    gpu_memory_bytes=props.total_memory, driver=driver(),
-                   cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
-                   matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+                   float32_math_default=float32_math_now())
     else:
         env["device"] = f"CPU: {env['cpu']} ({torch.get_num_threads()} threads)"
     return env

@@ -38,7 +38,8 @@ def _row_line(r: dict) -> str:
     if r.get("oom"):
         return f"| {r['label']} | | | out of memory | | | | | | |"
     pf = f"{100 * r['peak_fraction']:.0f}% {r.get('peak_key', '')}" if r.get("peak_fraction") else "-"
-    return (f"| {r['label']} | {r.get('dtype', '')} | {r.get('memory_format', '')} | {r['steps_per_s']:.3f} | "
+    dtype = r.get("dtype", "") + (f" ({r['float32_math']})" if r.get("float32_math") else "")
+    return (f"| {r['label']} | {dtype} | {r.get('memory_format', '')} | {r['steps_per_s']:.3f} | "
             f"{r['ms_per_step']:.1f} | {r['tflops']:.3f} | {pf} | {_mb(r.get('peak_mem_bytes'))} | "
             f"{_x(r.get('speedup_vs_naive'))} | {_x(r.get('speedup_vs_eager'))} |")
 

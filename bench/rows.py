@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nst.engine.device import sync
+from nst.engine.device import float32_math_now, sync
 from nst.engine.plan import resolve_plan
 from nst.engine.session import prepare
 from nst.engine.settings import StylizeSettings
@@ -46,6 +46,8 @@ ROWS = [
         {"reference": True}),
     Row("channels_last", "+ channels-last", "fp32, channels-last network and image", "engine",
         {"precision": "fp32", "memory_format": "channels_last", "cuda_graph": False}),
+    Row("tf32", "+ TF32 (instead of IEEE float32)", "fp32 convolutions and matmuls on TF32 tensor cores", "engine",
+        {"precision": "tf32", "memory_format": "channels_last", "cuda_graph": False}, needs_cuda=True),
     Row("bf16", "+ bf16 autocast", "bf16 convolutions, fp32 Grams/losses/image", "engine",
         {"precision": "bf16", "memory_format": "channels_last", "cuda_graph": False}, needs_cuda=True),
     Row("fp16", "+ fp16 autocast (instead of bf16)", "fp16 convolutions with static loss scaling", "engine",
@@ -58,11 +60,17 @@ ROWS = [
 ]
 
 
-def _row_dtype(row: Row, device) -> tuple[str, str]:
+def _row_format(row: Row, device) -> dict:
+    """dtype, memory format and (CUDA) float32 math mode of a row. The baselines run with
+    torch's defaults, as a user's loop would: on CUDA, cuDNN convolutions in TF32."""
     if row.kind == "baseline":
-        return "fp32", "contiguous"
+        math = float32_math_now() if device.type == "cuda" else None
+        return {"dtype": "fp32", "memory_format": "contiguous",
+                "float32_math": None if math is None else f"conv {math['cudnn_conv']}, matmul {math['cuda_matmul']}",
+                "peak_key": "tf32" if math and math["cudnn_conv"] == "tf32" else "fp32"}
     p = resolve_plan(StylizeSettings(device=device.type, **(row.settings or {})))
-    return p.precision, p.memory_format
+    return {"dtype": p.precision, "memory_format": p.memory_format, "float32_math": p.float32_math,
+            "peak_key": p.precision}
 
 
 def _make_step(row: Row, size: int, device, eager_net, weights, ts_dir, cfg):
@@ -89,8 +97,7 @@ def build_row(row: Row, size: int, device, eager_net, weights, ts_dir, cfg) -> t
     if row.torchscript and ts_dir is None:
         out.update(applicable=False, reason="TorchScript export failed or was skipped")
         return out, None
-    precision, memory_format = _row_dtype(row, device)
-    out.update(dtype=precision, memory_format=memory_format)
+    out.update(_row_format(row, device))
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -170,7 +177,7 @@ def run_size(size: int, device, eager_net, weights, ts_dir, cfg) -> list[dict]:
     return rows
 
 
-def derive(rows: list[dict], peaks: dict, device) -> None:
+def derive(rows: list[dict], peaks: dict) -> None:
     """Speed-ups against the baselines and the fraction of the matching matmul peak."""
     by = {r["key"]: r for r in rows}
     for r in rows:
@@ -180,9 +187,6 @@ def derive(rows: list[dict], peaks: dict, device) -> None:
             b = by.get(base, {})
             if b.get("steps_per_s"):
                 r[f"speedup_vs_{base}"] = r["steps_per_s"] / b["steps_per_s"]
-        dtype = r.get("dtype", "fp32")
-        # On CUDA, fp32 convolutions run in TF32 by default (cudnn.allow_tf32): compare with that peak.
-        peak_key = "tf32" if device.type == "cuda" and dtype == "fp32" and torch.backends.cudnn.allow_tf32 else dtype
+        peak_key = r.get("peak_key", r.get("dtype", "fp32"))
         if peak_key in peaks:
-            r["peak_key"] = peak_key
             r["peak_fraction"] = r["tflops"] * 1e12 / peaks[peak_key]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from nst.engine.device import resolve_device
+from nst.engine.device import float32_math, resolve_device
 from nst.engine.errors import NSTError
 from nst.engine.features import VGGFeatures
 from nst.engine.fsutil import atomic_write_text
@@ -107,15 +107,10 @@ def onnx_targets(size: int, device, eager_net, onnx_path, cfg) -> dict:
 
 
 def measure_peak(device, key: str, n: int) -> float:
-    """The matmul peak of ``key`` (fp32, tf32, bf16, fp16), TF32 switched on only for tf32."""
-    if key != "tf32":
+    """The matmul peak of ``key`` (fp32 as IEEE float32, tf32, bf16, fp16)."""
+    mode = ("tf32" if key == "tf32" else "ieee") if device.type == "cuda" else None
+    with float32_math(mode):
         return matmul_peak(device, _DTYPES[key], n)
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        return matmul_peak(device, torch.float32, n)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _export_for_rows(cfg: BenchSettings, eager_net, tmp: Path) -> tuple[Path | None, Path | None]:
@@ -182,7 +177,7 @@ def run(cfg: BenchSettings) -> dict:
         results.setdefault("peak_measurements", {})[key] = [before, after]
         peaks[key] = max(before, after)
     for entry in results["sizes"].values():
-        derive(entry["rows"], peaks, device)
+        derive(entry["rows"], peaks)
     results["targets"] = check_goals(results, device)
     return results
 

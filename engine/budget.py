@@ -1,11 +1,15 @@
-"""The time-budget planner: measure setup and step time per scale, then split the time.
+"""The time-budget planner: a cost model of each scale, measured by a short calibration,
+then the budget split over the scales.
 
-A short calibration measures the setup (targets, buffers) and the step time at each scale;
-the time left after it, less a margin for writing the image, is split: half to the final
-scale and the rest evenly over the coarser ones, each as a whole number of steps. While
-the render runs, ``replan`` gives each scale its deadline: coarse scales keep their
-planned steps (fewer, in proportion, when behind the plan); the final scale gets whatever
-time is left.
+The cost model (``ScaleCost``) is the one place where time is predicted: a scale costs its
+setup (targets, buffers), the extra time of its first steps (kernel selection; with a CUDA
+graph, the eager warm-up steps and the capture) and a steady time per step. After the last
+step the caller needs ``finish_s`` to write the image (nst/stylize_command.py predicts it
+from the format and size), and a margin absorbs noise. The time left after calibration is
+split: half to the final scale and the rest evenly over the coarser ones, each as a whole
+number of steps. While the render runs, ``replan`` gives each scale its deadline: coarse
+scales keep their planned steps (fewer, in proportion, when behind the plan); the final
+scale gets whatever time is left.
 """
 
 from __future__ import annotations
@@ -23,12 +27,28 @@ from .settings import StylizeSettings
 FINAL_SHARE = 0.5  # of the optimisation time, for the final scale (when there are several)
 
 
+@dataclass(frozen=True)
+class ScaleCost:
+    """What one scale costs, in seconds (measured by ``measure_scale``)."""
+
+    setup_s: float  # prepare: targets and buffers at this size
+    warmup_s: float  # the first steps' time beyond their steady share (kernel selection, graph capture)
+    step_s: float  # one steady step
+
+    def seconds(self, steps: int) -> float:
+        """A run of ``steps`` steps at this scale, setup included."""
+        return self.setup_s + self.warmup_s + steps * self.step_s
+
+    def steps_within(self, seconds: float) -> int:
+        """The most steps (at least one) that fit in ``seconds``, setup included."""
+        return max(1, int((seconds - self.setup_s - self.warmup_s) / self.step_s))
+
+
 @dataclass
 class ScalePlan:
     size: int  # long edge
     hw: tuple[int, int]
-    setup_s: float  # measured: targets and buffers for this size
-    step_s: float  # measured: one step after warm-up
+    cost: ScaleCost
     steps: int = 0  # re-planned before the scale runs, with the time actually left
     planned_s: float = 0.0
     initial_steps: int = 0  # the plan as first printed
@@ -42,16 +62,42 @@ class ScalePlan:
     def wxh(self) -> str:
         return f"{self.hw[1]}x{self.hw[0]}"
 
+    @property
+    def step_s(self) -> float:
+        return self.cost.step_s
+
 
 def budget_margin(budget: float) -> float:
-    """Reserved for writing the image and for noise: 5% of the budget, at least 1 s."""
+    """Reserved for noise (and the last evaluation and copy of the image): 5% of the budget,
+    at least 1 s. Writing the image is planned separately (``finish_s``)."""
     return max(1.0, 0.05 * budget)
 
 
-def calibrate(content, styles, settings: StylizeSettings, extractor, sizes, budget: float | None, t_start: float,
-              margin: float) -> list[ScalePlan]:
-    """Measure setup and step time per scale (warm-up steps, then one timed step)."""
+def measure_scale(content, styles, settings: StylizeSettings, extractor) -> tuple[ScaleCost, tuple[int, int]]:
+    """Prepare one scale, run its warm-up steps and one steady step, timing each part."""
     device = resolve_plan(settings).device
+    t0 = time.perf_counter()
+    p = prepare(content, styles, settings, extractor)
+    sync(device)
+    t1 = time.perf_counter()
+    # Warm-up: first-touch allocations and kernel selection; with a CUDA graph, the eager
+    # warm-up steps and the capture too, so that the timed step is a replay.
+    for _ in range(p.stepper.warmup_steps):
+        p.stepper.step()
+    sync(device)
+    t2 = time.perf_counter()
+    p.stepper.step()
+    sync(device)
+    step = time.perf_counter() - t2
+    warmup = max(0.0, (t2 - t1) - p.stepper.warmup_steps * step)
+    return ScaleCost(t1 - t0, warmup, step), p.out_hw
+
+
+def calibrate(content, styles, settings: StylizeSettings, extractor, sizes, budget: float | None, t_start: float,
+              reserve: float) -> list[ScalePlan]:
+    """Measure each scale's cost. With a budget, drop the coarsest scales while the budget
+    cannot pay every scale's setup and one step, and refuse it when it cannot pay that
+    for the final scale alone. ``reserve``: seconds kept at the end (margin, writing)."""
     content_hw = tuple(content.shape[-2:])
     plans = []
     for k, size in enumerate(sizes):
@@ -60,65 +106,74 @@ def calibrate(content, styles, settings: StylizeSettings, extractor, sizes, budg
             # Once untimed: the first setup of a process pays one-time costs (allocator,
             # kernel libraries) that would make the first scale look slower than it is.
             prepare(content, styles, s_k, extractor)
-        t0 = time.perf_counter()
-        p = prepare(content, styles, s_k, extractor)
-        sync(device)
-        setup = time.perf_counter() - t0
-        # Warm-up: first-touch allocations and kernel selection; with a CUDA graph, the eager
-        # warm-up steps and the capture too, so that the timed step is a replay.
-        for _ in range(p.stepper.warmup_steps):
-            p.stepper.step()
-        sync(device)
-        t1 = time.perf_counter()
-        p.stepper.step()
-        sync(device)
-        plans.append(ScalePlan(size, p.out_hw, setup, time.perf_counter() - t1))
-        del p
+        cost, hw = measure_scale(content, styles, s_k, extractor)
+        plans.append(ScalePlan(size, hw, cost))
         if k == 0 and budget is not None:
-            _check_affordable(plans[0], budget, t_start, margin)
+            _check_affordable(plans[:1], budget, t_start, reserve)
+    if budget is not None:
+        plans = affordable(plans, budget - (time.perf_counter() - t_start) - reserve)
+        _check_affordable(plans, budget, t_start, reserve)
     return plans
 
 
-def _check_affordable(first: ScalePlan, budget: float, t_start: float, margin: float) -> None:
+def affordable(plans: list[ScalePlan], seconds: float) -> list[ScalePlan]:
+    """The scales whose setup and one step each fit in ``seconds``: the coarsest dropped
+    first, the final scale always kept (a budget too small for it is refused elsewhere)."""
+    plans = list(plans)
+    while len(plans) > 1 and sum(sc.cost.seconds(1) for sc in plans) > seconds:
+        plans.pop(0)
+    return plans
+
+
+def _shortfall(plans: list[ScalePlan], budget: float, t_start: float, reserve: float) -> float:
+    """Seconds by which the budget misses every scale's setup and one step (<= 0: it does not)."""
     spent = time.perf_counter() - t_start
-    need = spent + first.setup_s + first.step_s + margin
-    if need > budget:
+    return spent + sum(sc.cost.seconds(1) for sc in plans) + reserve - budget
+
+
+def _check_affordable(plans: list[ScalePlan], budget: float, t_start: float, reserve: float) -> None:
+    short = _shortfall(plans, budget, t_start, reserve)
+    if short > 0:
+        sc = plans[-1]
+        spent = time.perf_counter() - t_start
         raise InputError(
-            f"--time-budget {budget:g} s is too small: one step at the smallest scale ({first.wxh}) takes "
-            f"{first.step_s:.2f} s after {first.setup_s:.2f} s of setup, and {spent:.1f} s have gone on loading and "
-            f"calibrating; allow at least {math.ceil(need)} s"
+            f"--time-budget {budget:g} s is too small: one step at {sc.wxh} takes {sc.cost.step_s:.2f} s after "
+            f"{sc.cost.setup_s + sc.cost.warmup_s:.2f} s of setup, {spent:.1f} s have gone on loading and "
+            f"calibrating, and {reserve:.1f} s are kept for writing the image and for noise; allow at least "
+            f"{math.ceil(budget + short)} s"
         )
 
 
 def allocate(plans: list[ScalePlan], seconds: float) -> None:
-    """Split ``seconds`` of optimisation over the scales (whole steps, at least one each)."""
+    """Split ``seconds`` over the scales (whole steps, at least one each)."""
     n = len(plans)
     shares = [1.0] if n == 1 else [(1 - FINAL_SHARE) / (n - 1)] * (n - 1) + [FINAL_SHARE]
     for scale, share in zip(plans, shares):
-        t = seconds * share
-        scale.steps = max(1, int((t - scale.setup_s) / scale.step_s)) if t > scale.setup_s else 1
-        scale.planned_s = scale.setup_s + scale.steps * scale.step_s
+        scale.steps = scale.cost.steps_within(seconds * share)
+        scale.planned_s = scale.cost.seconds(scale.steps)
     # Whatever the rounding left over goes to the final scale.
     spare = seconds - sum(sc.planned_s for sc in plans)
-    if spare > plans[-1].step_s:
-        extra = int(spare / plans[-1].step_s)
-        plans[-1].steps += extra
-        plans[-1].planned_s += extra * plans[-1].step_s
+    last = plans[-1]
+    if spare > last.cost.step_s:
+        extra = int(spare / last.cost.step_s)
+        last.steps += extra
+        last.planned_s += extra * last.cost.step_s
 
 
-def replan(plans: list[ScalePlan], k: int, elapsed: float, budget: float, margin: float) -> float:
-    """Re-plan scale ``k`` and the ones after it with the time actually left; return scale
-    k's time limit (seconds from its start).
+def replan(plans: list[ScalePlan], k: int, elapsed: float, end: float) -> float:
+    """Re-plan scale ``k`` and the ones after it with the time actually left before ``end``
+    (seconds on the budget's clock when the last step must be done); return scale k's time
+    limit (seconds from its start).
 
     The calibration's setup times include first-call costs, so time is often left over;
     each scale then stops at its planned end as a guard against a slow moment, the last one
-    at the end of the budget less the writing margin.
+    at ``end``.
     """
-    left = budget - margin - elapsed
+    left = end - elapsed
     last = k == len(plans) - 1
     if last or left < sum(sc.initial_planned_s for sc in plans[k:]):
-        allocate(plans[k:], left)  # the final scale takes what is left; behind the scale, all shrink
+        allocate(plans[k:], left)  # the final scale takes what is left; behind the plan, all shrink
     else:
         plans[k].steps, plans[k].planned_s = plans[k].initial_steps, plans[k].initial_planned_s
-    end = budget - margin if last else min(elapsed + plans[k].planned_s, budget - margin)
-    return max(0.05, end - elapsed)
+    stop = end if last else min(elapsed + plans[k].planned_s, end)
+    return max(0.05, stop - elapsed)

@@ -1,6 +1,9 @@
-"""The device: which one ``auto`` means, and waiting for it before reading a host clock."""
+"""The device: which one ``auto`` means, waiting for it before reading a clock, and how
+float32 math runs on it (IEEE or TF32)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -22,3 +25,32 @@ def sync(device: torch.device | str) -> None:
     """Wait for the device (a no-op on the CPU): before reading a host clock."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def float32_math(mode: str | None):
+    """Run float32 convolutions and matmuls on CUDA as IEEE float32 (``"ieee"``) or with
+    TF32 tensor cores (``"tf32"``) inside the block, then restore the caller's settings;
+    ``None`` leaves them alone (the CPU).
+
+    PyTorch runs cuDNN convolutions in TF32 by default, so without this "fp32" would not
+    be float32. Only the per-backend settings of torch >= 2.9 are used (cuDNN convolutions
+    and cuBLAS matmuls, the two that govern this engine's kernels): mixing them with the
+    legacy ``allow_tf32`` flags is an error in torch, so nothing here reads or writes those.
+    """
+    if mode is None:
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = mode
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
+
+
+def float32_math_now() -> dict[str, str]:
+    """The float32 modes in force for cuDNN convolutions and cuBLAS matmuls (for reports)."""
+    return {"cudnn_conv": torch.backends.cudnn.conv.fp32_precision,
+            "cuda_matmul": torch.backends.cuda.matmul.fp32_precision}

@@ -6,7 +6,7 @@
 prepared one. Host synchronisation happens only every ``progress_every`` steps (reading
 the loss for the progress report, the NaN check and the best-image bookkeeping); each
 such place is marked ``# host sync``. Progress bars, intermediate files and GIF frames
-are the callback's business (engine/progress.py, nst/stylize_cmd.py), not the loop's.
+are the callback's business (engine/progress.py, nst/stylize_command.py), not the loop's.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .color import original_colors
-from .device import sync
+from .device import float32_math, sync
 from .errors import NonFiniteLossError
 from .session import Prepared, prepare
 from .settings import StylizeSettings
@@ -30,7 +30,7 @@ from .stats import Result, RunStats
 class StepInfo:
     """What the callback sees after each step."""
 
-    step: int  # steps done in this run (1-based)
+    step: int  # steps done in this run: 0 once before the first step, then 1, 2, ...
     steps: int  # steps planned in this run
     losses: list[float] | None  # [total, content, style, tv] at progress intervals, else None
     steps_per_s: float  # since the first step of this run
@@ -63,6 +63,33 @@ def chain(*callbacks: Callback | None) -> Callback | None:
     return call_all
 
 
+class _Pace:
+    """When the steps issued so far will have finished, so that a time limit stops the loop
+    before a step that would pass it (rather than after). On the CPU a step has finished
+    when it returns; on CUDA steps queue up asynchronously and are known to have finished
+    only at the progress intervals, where the loop syncs: the steps queued since are
+    counted at the pace measured between syncs."""
+
+    def __init__(self, t0: float, asynchronous: bool):
+        self.t_sync, self.pending, self.step_s = t0, 0, None
+        self.asynchronous = asynchronous
+
+    def issued(self, synced: bool) -> None:
+        """One more step was issued; ``synced``: the host has waited for it."""
+        self.pending += 1
+        if synced or not self.asynchronous:
+            now = time.perf_counter()
+            self.step_s = (now - self.t_sync) / self.pending
+            self.t_sync, self.pending = now, 0
+
+    def next_done(self) -> float:
+        """The predicted clock time at which one more step would be done."""
+        now = time.perf_counter()
+        if self.step_s is None:
+            return now
+        return max(now, self.t_sync + self.pending * self.step_s) + self.step_s
+
+
 class _Best:
     """The best image seen at a progress interval (the losses are only read there)."""
 
@@ -82,7 +109,7 @@ def run(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], setting
     """Stylise ``content`` (3, H, W) with ``styles`` [((3, h, w), weight)], values in [0, 1].
 
     ``extractor`` defaults to the one ``settings`` describe (``--extractor`` export dir or
-    ``--weights``); ``callback(StepInfo)`` is called after every step.
+    ``--weights``); ``callback(StepInfo)`` is called before the first step and after every step.
     """
     t_start = time.perf_counter()
     p = prepare(content, styles, settings or StylizeSettings(), extractor, init)
@@ -97,14 +124,18 @@ def optimize(p: Prepared, callback: Callback | None = None, t_start: float | Non
     hist = torch.full((s.steps, 4), float("nan"), device=x.device)  # per step [total, content, style, tv]
     best = _Best(x)
     scheduled = s.lr_schedule != "constant"
+    deadline = None if s.time_limit is None else t_start + s.time_limit
     sync(x.device)
     stats.setup_s = time.perf_counter() - t_start
     t0 = time.perf_counter()
+    pace = _Pace(t0, asynchronous=x.device.type == "cuda")
     done = 0
+    if callback is not None:
+        callback(StepInfo(0, s.steps, None, 0.0, x))  # about to start (a progress bar opens)
     try:
         for i in range(s.steps):
-            if s.time_limit is not None and i > 0 and time.perf_counter() - t_start > s.time_limit:
-                stats.stopped = "time-limit"
+            if deadline is not None and i > 0 and pace.next_done() > deadline:
+                stats.stopped = "time-limit"  # the next step would end past the limit
                 break
             report = i % s.progress_every == 0 or i == s.steps - 1
             if report:
@@ -114,6 +145,7 @@ def optimize(p: Prepared, callback: Callback | None = None, t_start: float | Non
             hist[i].copy_(stepper.step())
             done = i + 1
             losses = hist[i].tolist() if report else None  # host sync: progress interval only
+            pace.issued(synced=report)
             if losses is not None:
                 if not all(math.isfinite(v) for v in losses):
                     stats.stopped = "non-finite"
@@ -133,6 +165,7 @@ def _new_stats(p: Prepared) -> RunStats:
     return RunStats(
         steps_planned=p.settings.steps, size=p.out_hw, device=plan.device, precision=plan.precision, path=plan.path,
         memory_format=plan.memory_format, cuda_graph=plan.cuda_graph, optimizer=p.settings.optimizer,
+        float32_math=plan.float32_math or "",
         weights=str(p.weights_info.get("source", "")), checkpointing=mem.checkpoint,
         memory_estimate_bytes=mem.checkpointed_bytes if mem.checkpoint else mem.estimate_bytes,
     )
@@ -147,7 +180,7 @@ def _finish(p: Prepared, stats: RunStats, hist: torch.Tensor, done: int, best: _
     h = hist[:done].cpu()
     stats.loss, stats.content, stats.style, stats.tv = (h[:, k].tolist() for k in range(4))
     if stats.stopped != "non-finite":
-        with torch.no_grad():
+        with torch.no_grad(), float32_math(p.objective.math):
             final = p.objective(p.x.detach()).tolist()
         if math.isfinite(final[0]):
             best.offer(final[0], done, p.x.detach(), ties=True)  # on a tie, the image with more steps

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from .budget import ScalePlan, allocate, budget_margin, calibrate, replan
+from .budget import ScaleCost, ScalePlan, allocate, budget_margin, calibrate, replan
 from .errors import NonFiniteLossError
 from .imageio import resize_to
 from .loader import load_extractor
@@ -32,28 +32,31 @@ def _offset(callback: Callback | None, before: int) -> Callback | None:
     return lambda info: callback(dataclasses.replace(info, before=before))
 
 
-def plan_scales(content, styles, settings: StylizeSettings, extractor, t_start: float) -> list[ScalePlan]:
+def plan_scales(content, styles, settings: StylizeSettings, extractor, t_start: float,
+                finish_s: float = 0.0) -> list[ScalePlan]:
     """The scales to run: with a budget, calibrated and allocated; else --steps each."""
     sizes = settings.scale_sizes()
     budget = settings.time_budget
     if budget is None:
-        return [ScalePlan(s, settings.output_hw(tuple(content.shape[-2:]), s), 0.0, 0.0, settings.steps)
+        unknown = ScaleCost(0.0, 0.0, 0.0)
+        return [ScalePlan(s, settings.output_hw(tuple(content.shape[-2:]), s), unknown, settings.steps)
                 for s in sizes]
-    margin = budget_margin(budget)
-    plans = calibrate(content, styles, settings, extractor, sizes, budget, t_start, margin)
-    allocate(plans, budget - (time.perf_counter() - t_start) - margin)
+    reserve = budget_margin(budget) + finish_s
+    plans = calibrate(content, styles, settings, extractor, sizes, budget, t_start, reserve)
+    allocate(plans, budget - (time.perf_counter() - t_start) - reserve)
     for sc in plans:
         sc.initial_steps, sc.initial_planned_s = sc.steps, sc.planned_s
     return plans
 
 
 def render(content, styles, settings: StylizeSettings, extractor=None, init=None, callback: Callback | None = None,
-           t_start: float | None = None, on_plan=None) -> Result:
+           t_start: float | None = None, on_plan=None, finish_s: float = 0.0) -> Result:
     """Single- or multi-scale render, optionally under ``settings.time_budget`` seconds.
 
-    ``t_start`` is when the budget's clock started (default: now). ``on_plan(plans)`` is
-    called once the plan is known (the CLI prints it). The result's ``stats.scales`` lists
-    each scale's plan and outcome.
+    ``t_start`` is when the budget's clock started (default: now); ``finish_s`` is what the
+    caller needs after the render to finish within the budget (writing the image).
+    ``on_plan(plans)`` is called once the plan is known (the CLI prints it). The result's
+    ``stats.scales`` lists each scale's plan and outcome.
     """
     t_start = time.perf_counter() if t_start is None else t_start
     if len(settings.scale_sizes()) == 1 and settings.time_budget is None:
@@ -61,7 +64,7 @@ def render(content, styles, settings: StylizeSettings, extractor=None, init=None
     if extractor is None:  # loaded once here, not once per scale
         extractor = load_extractor(settings.extractor, settings.weights, settings.taps(), settings.pool,
                                    settings.network)
-    plans = plan_scales(content, styles, settings, extractor, t_start)
+    plans = plan_scales(content, styles, settings, extractor, t_start, finish_s)
     if on_plan is not None:
         on_plan(plans)
     image, result, steps_before = init, None, 0
@@ -69,7 +72,8 @@ def render(content, styles, settings: StylizeSettings, extractor=None, init=None
         t0 = time.perf_counter()
         limit = settings.time_limit
         if settings.time_budget is not None:
-            limit = replan(plans, k, t0 - t_start, settings.time_budget, budget_margin(settings.time_budget))
+            end = settings.time_budget - budget_margin(settings.time_budget) - finish_s
+            limit = replan(plans, k, t0 - t_start, end)
         s_k = settings.at_scale(tuple(content.shape[-2:]), scale.size, steps=scale.steps, time_budget=None,
                                 time_limit=limit)
         if image is not None and k > 0:
@@ -94,7 +98,8 @@ def _finish(result: Result, plans: list[ScalePlan], settings: StylizeSettings, t
     result.stats.scales = [
         {"size": sc.size, "hw": list(sc.hw), "steps_planned": sc.initial_steps or sc.steps,
          "steps_replanned": sc.steps, "steps_run": sc.steps_run, "planned_s": sc.initial_planned_s or sc.planned_s,
-         "actual_s": sc.actual_s, "step_s_calibrated": sc.step_s, "first_loss": sc.first_loss,
+         "actual_s": sc.actual_s, "step_s_calibrated": sc.cost.step_s, "setup_s_calibrated": sc.cost.setup_s,
+         "warmup_s_calibrated": sc.cost.warmup_s, "first_loss": sc.first_loss,
          "final_loss": sc.final_loss} for sc in ran]
     if tuple(result.image.shape[-2:]) != plans[-1].hw:
         result.image = resize_to(result.image, plans[-1].hw)  # interrupted early: still the size asked for

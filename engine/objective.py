@@ -26,6 +26,7 @@ class Objective:
         self.cw, self.sw, self.tvw = settings.content_weight, settings.style_weight, settings.tv_weight
         self.dtype = plan.autocast_dtype
         self.device_type = plan.device
+        self.math = plan.float32_math  # the steppers run every step under it (engine/device.py)
         # Autocast's weight-cast cache; the graph stepper turns it off before capturing.
         self.cache = True
 

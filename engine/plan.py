@@ -18,14 +18,23 @@ from .settings import StylizeSettings
 @dataclass(frozen=True)
 class Plan:
     device: str  # "cpu" | "cuda"
-    precision: str  # "fp32" | "bf16" | "fp16"
+    precision: str  # "fp32" | "tf32" | "bf16" | "fp16"
     channels_last: bool
     cuda_graph: bool
     path: str  # "fast" | "reference"
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        return {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+    @property
+    def float32_math(self) -> str | None:
+        """How float32 convolutions and matmuls run on CUDA (engine/device.py): TF32 only
+        when asked for; IEEE otherwise, so "fp32" is float32 and the float32 Grams and
+        targets of the bf16/fp16 paths are too. None on the CPU (nothing to set)."""
+        if self.device != "cuda":
+            return None
+        return "tf32" if self.precision == "tf32" else "ieee"
 
     @property
     def memory_format(self) -> str:
@@ -34,7 +43,7 @@ class Plan:
     @property
     def act_bytes(self) -> int:
         """Bytes per activation element of the convolutions (for the memory plan)."""
-        return 4 if self.precision == "fp32" else 2
+        return 2 if self.precision in ("bf16", "fp16") else 4
 
 
 def resolve_plan(settings: StylizeSettings) -> Plan:
@@ -46,7 +55,7 @@ def resolve_plan(settings: StylizeSettings) -> Plan:
     channels_last = settings.memory_format in ("auto", "channels_last")
     prec = settings.precision
     if device == "cpu":
-        if prec in ("bf16", "fp16"):
+        if prec in ("bf16", "fp16", "tf32"):
             raise InputError(f"--precision {prec} needs a CUDA GPU; on the CPU the engine runs float32")
         return Plan("cpu", "fp32", channels_last, False, "fast")
     bf16_ok = torch.cuda.is_bf16_supported()

@@ -17,8 +17,9 @@ class ProgressBar:
         self.bar = None
 
     def __call__(self, info: StepInfo) -> None:
-        if info.step == 1:
+        if info.step == 0:
             self._open(info.steps)
+            return
         if self.bar is not None:
             self.bar.update(1)
         if info.losses is None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .device import float32_math
 from .errors import InputError
 from .imageio import resize_to
 from .loader import load_extractor
@@ -139,8 +140,9 @@ def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], set
     # Targets: once, float32, NCHW, whatever the loop runs in; then the loop's own network.
     ref_net = place_network(extractor, device, channels_last=False)
     content_layers, style_layers = settings.layer_weights()
-    targets = compute_targets(ref_net, content_img, style_imgs, content_layers, style_layers, settings.gram_norm,
-                              settings.content_norm)
+    with float32_math(plan.float32_math):
+        targets = compute_targets(ref_net, content_img, style_imgs, content_layers, style_layers, settings.gram_norm,
+                                  settings.content_norm)
     net = place_network(ref_net, device, plan.channels_last, mem.checkpoint, owned=ref_net is not extractor)
 
     x = init_image(init if init is not None else settings.init, content_img, style_imgs, settings.seed)

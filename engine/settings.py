@@ -25,7 +25,7 @@ from .sizes import fit_long_edge, parse_wxh
 
 OPTIMIZERS = ("adam", "lbfgs")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 DEFAULT_LR = {"adam": 0.02, "lbfgs": 1.0}
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -93,8 +93,9 @@ class StylizeSettings:
     seed: int = option(0, help="random seed (noise init); CPU runs are deterministic for a seed")
     device: str = option("auto", help="where to run: auto picks cuda when available", choices=DEVICES, loop_only=True)
     precision: str = option(
-        "auto", help="convolution precision: auto = bf16 on GPUs that support it, else fp32; fp16 uses loss "
-        "scaling; CPU runs fp32", choices=PRECISIONS, loop_only=True)
+        "auto", help="convolution precision: auto = bf16 on GPUs that support it, else fp32; fp32 = IEEE float32 "
+        "(TF32 off); tf32 = float32 on TF32 tensor cores (CUDA); fp16 uses loss scaling; the CPU runs fp32",
+        choices=PRECISIONS, loop_only=True)
     weights: str = option("imagenet", help="VGG weights: imagenet, random[:SEED], or a .pth/.safetensors file",
                           metavar="SPEC", loop_only=True)
     network: str = option("vgg19", help="the VGG variant", choices=NETWORKS, loop_only=True)

@@ -27,6 +27,7 @@ class RunStats:
     size: tuple[int, int] = (0, 0)
     device: str = ""
     precision: str = ""
+    float32_math: str = ""  # CUDA: "ieee" or "tf32" for float32 convolutions and matmuls; "" on the CPU
     path: str = ""
     memory_format: str = ""
     cuda_graph: bool = False

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from .device import float32_math
 from .objective import Objective
 from .plan import Plan
 from .settings import StylizeSettings
@@ -77,8 +78,9 @@ class AdamStep:
         return parts.detach()
 
     def step(self) -> torch.Tensor:
-        self.opt.zero_grad(set_to_none=True)
-        return self._body()
+        with float32_math(self.objective.math):
+            self.opt.zero_grad(set_to_none=True)
+            return self._body()
 
 
 class GraphAdamStep(AdamStep):
@@ -99,6 +101,10 @@ class GraphAdamStep(AdamStep):
         self.capture_s = 0.0
 
     def step(self) -> torch.Tensor:
+        with float32_math(self.objective.math):  # the graph captures the kernels chosen under it
+            return self._step()
+
+    def _step(self) -> torch.Tensor:
         if self.calls < GRAPH_WARMUP_STEPS:
             self.calls += 1
             self.side.wait_stream(torch.cuda.current_stream())
@@ -158,7 +164,8 @@ class LBFGSStep:
                 first.append(parts.detach())
             return loss
 
-        self.opt.step(closure)
+        with float32_math(self.objective.math):
+            self.opt.step(closure)
         with torch.no_grad():
             self.x.clamp_(0.0, 1.0)
         return first[0]

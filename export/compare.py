@@ -29,3 +29,34 @@ def max_errors(got, ref) -> dict:
         worst_abs = max(worst_abs, diff)
         worst_rel = max(worst_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
     return {"max_abs_err": worst_abs, "max_rel_err": worst_rel}
+
+
+class SizeRefused(Exception):
+    """An artefact raised on an input size it should accept."""
+
+
+def forward_errors(run, eager, xs) -> dict:
+    """The worst forward error of ``run`` (an artefact's forward) against ``eager`` over the
+    inputs ``xs``, and the size (H, W) where it was worst."""
+    worst = None
+    for x in xs:
+        with torch.no_grad():
+            try:
+                got = run(x)
+            except Exception as exc:  # an artefact that refuses a size the manifest promises
+                line = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise SizeRefused(f"it does not run on a {x.shape[-2]}x{x.shape[-1]} input "
+                                  f"({type(exc).__name__}: {line})") from exc
+            e = max_errors(got, eager(x))
+        if worst is None or not e["max_rel_err"] <= worst["max_rel_err"]:
+            worst = {**e, "worst_at": list(x.shape[-2:])}
+    return worst
+
+
+def check_sizes(check_hw: tuple[int, int], min_side: int) -> list[tuple[int, int]]:
+    """The sizes every artefact is checked at: ``check_hw`` first, then two whose sides and
+    all their halvings down to the deepest tap are odd (63x94 and 62x63 for relu5_1, whose
+    stride is 16). An exporter that specialised the traced size's parity fails them."""
+    s = max(1, min_side // 2)  # the deepest tap's stride
+    extra = [(4 * s - 1, 6 * s - 2), (4 * s - 2, 4 * s - 1)]
+    return [tuple(check_hw)] + [hw for hw in extra if min(hw) >= min_side and hw != tuple(check_hw)]

@@ -29,7 +29,7 @@ from nst.engine.manifest import MANIFEST_NAME, ONNX_NAME, PROGRAM_NAME, TORCHSCR
 
 from . import manifest as manifest_mod
 from . import to_onnx, to_program, to_torchscript
-from .compare import TOLERANCE
+from .compare import TOLERANCE, SizeRefused, check_sizes
 from .settings import ExportSettings, parse_size
 
 log = logging.getLogger("nst")
@@ -94,56 +94,69 @@ def _write_and_check(settings, module, staging, trace_hw, check_hw):
     seed = secrets.randbits(31)  # fresh every export; recorded for reproduction
     gen = torch.Generator().manual_seed(seed)
     example = torch.rand(2, 3, *trace_hw, generator=torch.Generator().manual_seed(0))
-    x = torch.rand(1, 3, *check_hw, generator=gen)
-    tol = TOLERANCE[settings.precision]
-    check = {"size": list(check_hw), "seed": seed, "metric": "max |artefact - eager| / max |eager|, worst tap",
-             "tolerance": tol, "reference": f"the eager module in {settings.precision}"}
+    sizes = check_sizes(check_hw, module.min_side)
+    xs = [torch.rand(1, 3, *hw, generator=gen) for hw in sizes]
+    check = {"size": list(check_hw), "sizes": [list(hw) for hw in sizes], "seed": seed,
+             "metric": "max |artefact - eager| / max |eager|, worst tap and size (input gradient: first size)",
+             "tolerance": TOLERANCE[settings.precision], "reference": f"the eager module in {settings.precision}"}
     artefacts: dict[str, dict] = {}
-    describe = module.describe()
     for fmt in settings.formats:
-        path = staging / FILES[fmt]
-        entry: dict = {"file": FILES[fmt]}
         if fmt == "onnx" and settings.precision in to_onnx.UNSUPPORTED:
-            entry.update(written=False, reason=to_onnx.UNSUPPORTED[settings.precision])
-            log.warning("onnx: not written: %s", entry["reason"])
-            artefacts[fmt] = entry
+            artefacts[fmt] = {"file": FILES[fmt], "written": False, "reason": to_onnx.UNSUPPORTED[settings.precision]}
+            log.warning("onnx: not written: %s", artefacts[fmt]["reason"])
             continue
-        t0 = time.perf_counter()
-        log.info("%s: writing %s", fmt, FILES[fmt])
-        try:
-            if fmt == "torchscript":
-                to_torchscript.write(module, example, path, describe)
-            elif fmt == "onnx":
-                to_onnx.write(module, example, path, module.taps, module.min_side, settings.opset)
-            else:
-                to_program.write(module, example, path, module.min_side)
-        except NSTError:
-            raise
-        except Exception as e:  # an exporter failure is reported, not a crash
-            raise ExportError(f"{fmt} export failed: {type(e).__name__}: {_first_line(e)}") from e
-        write_s = time.perf_counter() - t0
-        log.info("%s: checking against eager at %dx%d", fmt, *check_hw)
-        try:
-            if fmt == "torchscript":
-                errs = to_torchscript.check(path, module, x, seed)
-                entry.update(load="torch.jit.load(path) in Python, torch::jit::load(path) in C++", differentiable=True)
-            elif fmt == "onnx":
-                errs = to_onnx.check(path, module, x)
-                entry.update(input_name=to_onnx.INPUT_NAME, output_names=errs.pop("output_names"), opset=settings.opset,
-                             load="onnxruntime.InferenceSession(path)")
-            else:
-                errs = to_program.check(path, module, x)
-                entry.update(load="torch.export.load(path).module()",
-                             note="inference through AOTInductor in C++ has no gradients; use TorchScript for that")
-        except NSTError:
-            raise
-        except Exception as e:
-            raise ExportError(f"{fmt} self-check could not run the artefact: {type(e).__name__}: {_first_line(e)}") from e
-        passed = all(v["max_rel_err"] <= tol for v in errs.values())
+        path = staging / FILES[fmt]
+        write_s = _write(fmt, settings, module, example, path)
+        log.info("%s: checking against eager at %s", fmt, ", ".join(f"{h}x{w}" for h, w in sizes))
+        entry = {"file": FILES[fmt], **_check(fmt, settings, module, path, xs, seed)}
+        errs = entry.pop("errors")
+        passed = all(v["max_rel_err"] <= check["tolerance"] for v in errs.values())
         entry.update(written=True, sha256=sha256_file(path), bytes=path.stat().st_size,
                      export_seconds=round(write_s, 2), check={**errs, "passed": passed})
         artefacts[fmt] = entry
     return artefacts, check
+
+
+def _write(fmt: str, settings, module, example, path: Path) -> float:
+    """Write one artefact; the seconds it took. An exporter failure is one clear error."""
+    t0 = time.perf_counter()
+    log.info("%s: writing %s", fmt, FILES[fmt])
+    try:
+        if fmt == "torchscript":
+            to_torchscript.write(module, example, path, module.describe())
+        elif fmt == "onnx":
+            to_onnx.write(module, example, path, module.taps, module.min_side, settings.opset)
+        else:
+            to_program.write(module, example, path, module.min_side)
+    except NSTError:
+        raise
+    except Exception as e:
+        raise ExportError(f"{fmt} export failed: {type(e).__name__}: {_first_line(e)}") from e
+    return time.perf_counter() - t0
+
+
+def _check(fmt: str, settings, module, path: Path, xs, seed: int) -> dict:
+    """Load one artefact back and compare it with the eager module: its manifest entry,
+    with its errors under "errors"."""
+    try:
+        if fmt == "torchscript":
+            return {"errors": to_torchscript.check(path, module, xs, seed), "differentiable": True,
+                    "load": "torch.jit.load(path) in Python, torch::jit::load(path) in C++"}
+        if fmt == "onnx":
+            errs = to_onnx.check(path, module, xs)
+            return {"input_name": to_onnx.INPUT_NAME, "output_names": errs.pop("output_names"),
+                    "opset": settings.opset, "load": "onnxruntime.InferenceSession(path)", "errors": errs}
+        return {"errors": to_program.check(path, module, xs), "load": "torch.export.load(path).module()",
+                "note": "inference through AOTInductor in C++ has no gradients; use TorchScript for that"}
+    except NSTError:
+        raise
+    except SizeRefused as e:
+        others = " ".join(f for f in settings.formats if f != fmt) or "torchscript"
+        raise ExportError(f"{fmt} self-check failed: {e}; torch {torch.__version__} cannot export a {fmt} file that "
+                          f"accepts every size of at least {module.min_side} px; leave it out (--formats {others}); "
+                          "nothing was written and no manifest") from e
+    except Exception as e:
+        raise ExportError(f"{fmt} self-check could not run the artefact: {type(e).__name__}: {_first_line(e)}") from e
 
 
 def _publish(out: Path, staging: Path, artefacts: dict, manifest: dict) -> None:

@@ -15,8 +15,8 @@ import torch
 
 from nst.engine.errors import ExportError
 
-from .compare import max_errors
-from .shapes import dynamic_shapes
+from .compare import forward_errors
+from .shapes import dynamic_shapes, guard_free_pooling_shapes
 
 INPUT_NAME = "image"
 
@@ -29,7 +29,7 @@ UNSUPPORTED = {"bf16": "ONNX Runtime has no bfloat16 Conv kernel, so a bf16 ONNX
 def write(module: torch.nn.Module, example: torch.Tensor, path: Path, taps: tuple[str, ...], min_side: int, opset: int) -> None:
     # The exporter narrates its passes on stdout; keep that out of our summary.
     quiet = io.StringIO()
-    with contextlib.redirect_stdout(quiet):
+    with contextlib.redirect_stdout(quiet), guard_free_pooling_shapes():
         program = torch.onnx.export(
             module,
             (example,),
@@ -64,7 +64,8 @@ def _name_dims(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def check(path: Path, eager: torch.nn.Module, x: torch.Tensor) -> dict:
+def check(path: Path, eager: torch.nn.Module, xs: list[torch.Tensor]) -> dict:
+    """Forward error of the ONNX file in ONNX Runtime against ``eager`` at every input of ``xs``."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -76,9 +77,5 @@ def check(path: Path, eager: torch.nn.Module, x: torch.Tensor) -> dict:
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    with torch.no_grad():
-        ref = eager(x)
-    got = session.run(None, {INPUT_NAME: x.detach().cpu().numpy()})
-    result = {"forward": max_errors(got, ref)}
-    result["output_names"] = names
-    return result
+    fwd = forward_errors(lambda x: session.run(None, {INPUT_NAME: x.detach().cpu().numpy()}), eager, xs)
+    return {"forward": fwd, "output_names": names}

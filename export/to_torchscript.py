@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .compare import max_errors
+from .compare import forward_errors, max_errors
 
 
 def trace(module: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -31,14 +31,15 @@ def write(module: torch.nn.Module, example: torch.Tensor, path: Path, describe: 
     torch.jit.save(traced, str(path), _extra_files={"nst.json": json.dumps(describe)})
 
 
-def check(path: Path, eager: torch.nn.Module, x: torch.Tensor, seed: int) -> dict:
-    """Forward and input-gradient error of the saved file against ``eager`` at ``x``."""
+def check(path: Path, eager: torch.nn.Module, xs: list[torch.Tensor], seed: int) -> dict:
+    """Forward error of the saved file against ``eager`` at every input of ``xs``, and the
+    input-gradient error at the first."""
     loaded = torch.jit.load(str(path), map_location="cpu")
     loaded.eval()
+    fwd = forward_errors(loaded, eager, xs)
+    x = xs[0]
     with torch.no_grad():
         ref = eager(x)
-        got = loaded(x)
-    fwd = max_errors(got, ref)
     # Input gradient of a random linear functional of every tap: exercises each tap's
     # backward, like the style and content losses do.
     gen = torch.Generator().manual_seed(seed + 1)

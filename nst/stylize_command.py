@@ -11,8 +11,8 @@ from pathlib import Path
 from nst.engine.budget import budget_margin
 from nst.engine.errors import NonFiniteLossError, NSTError
 from nst.engine.fsutil import atomic_write_text
-from nst.engine.imageio import GIF_LONG_EDGE, check_gif_path, check_output_path, check_writable, gif_frame, save_gif, \
-    save_image
+from nst.engine.imageio import (GIF_LONG_EDGE, check_gif_path, check_output_path, check_writable, gif_frame,
+                                predict_save_s, save_gif, save_image)
 from nst.engine.loop import StepInfo, chain
 from nst.engine.multiscale import render
 from nst.engine.progress import ProgressBar
@@ -32,6 +32,8 @@ class Keeper:
         self.frames = []
 
     def __call__(self, info: StepInfo) -> None:
+        if info.step == 0:
+            return  # a scale's start: its image was saved (if due) as the last scale's end
         n = info.render_step
         save = self.save_every and n % self.save_every == 0
         frame = self.gif_hw is not None and n % self.gif_every == 0
@@ -51,16 +53,16 @@ class Keeper:
         return f"wrote {path} ({len(self.frames)} frames, {self.gif_hw[1]}x{self.gif_hw[0]})"
 
 
-def show_plan(settings):
+def show_plan(settings, finish_s: float):
     def show(plans):
         if settings.time_budget is None:
             print("scales: " + ", ".join(f"{sc.wxh} ({sc.steps} steps)" for sc in plans))
             return
-        print(f"plan for a {settings.time_budget:g} s budget (calibrated; {budget_margin(settings.time_budget):.1f} s "
-              "kept for writing and noise):")
+        print(f"plan for a {settings.time_budget:g} s budget (calibrated; {finish_s:.1f} s kept for writing the image, "
+              f"{budget_margin(settings.time_budget):.1f} s for noise):")
         for i, sc in enumerate(plans, 1):
             print(f"  scale {i}: {sc.wxh}  {sc.step_s * 1e3:8.1f} ms/step  {sc.steps:5d} steps  "
-                  f"{sc.planned_s:6.1f} s planned")
+                  f"{sc.planned_s:6.1f} s planned (setup and warm-up {sc.cost.setup_s + sc.cost.warmup_s:.1f} s)")
     return show
 
 
@@ -98,10 +100,13 @@ def stylize_command(job: StylizeJob, quiet: bool, t_start: float) -> int:
         final_hw = settings.output_hw(tuple(content.shape[-2:]))
         gif_hw = fit_long_edge(final_hw, min(GIF_LONG_EDGE, max(final_hw)))
     keeper = Keeper(out, job.save_every, gif_hw, job.gif_every or max(1, settings.steps // 50))
+    # A budget ends with the image written: plan the writing too.
+    finish_s = predict_save_s(content, settings.output_hw(tuple(content.shape[-2:])), out) \
+        if settings.time_budget is not None else 0.0
     bar = None if quiet else ProgressBar()
     try:
         result = render(content, styles, settings, init=init, callback=chain(bar, keeper), t_start=t_start,
-                        on_plan=show_plan(settings))
+                        on_plan=show_plan(settings, finish_s), finish_s=finish_s)
     except NonFiniteLossError as e:
         if e.result is not None:
             save_image(e.result.image, out)

@@ -35,9 +35,10 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys):
     assert data["peaks_flops"]["fp32"] > 0
     rows = data["sizes"]["64"]["rows"]
     keys = [r["key"] for r in rows]
-    assert keys == ["naive", "eager", "targets", "channels_last", "bf16", "fp16", "graph", "torchscript", "engine"]
+    assert keys == ["naive", "eager", "targets", "channels_last", "tf32", "bf16", "fp16", "graph", "torchscript",
+                    "engine"]
     for r in rows:
-        if r["key"] in ("bf16", "fp16", "graph"):
+        if r["key"] in ("tf32", "bf16", "fp16", "graph"):
             assert r["applicable"] is False and r["reason"] == "needs CUDA"  # listed, not dropped
             continue
         for field in ("steps_per_s", "ms_per_step", "tflops", "peak_fraction", "peak_mem_bytes", "flops_per_step",

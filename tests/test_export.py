@@ -94,12 +94,53 @@ def test_onnx_runtime_matches_eager(export_dir, eager):
                 torch.testing.assert_close(torch.from_numpy(a), b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
-def test_exported_program_matches_eager(export_dir, eager):
+# Odd and even sides, some whose halvings are odd (56 -> 28, 14, 7; 63 -> 31, 15, 7, 3), the
+# smallest allowed, and batches other than the traced 2: the manifest promises every size.
+ODD_EVEN = ((56, 96, 2), (63, 94, 1), (62, 63, 1), (32, 33, 1), (47, 32, 3), (90, 118, 1))
+
+
+@pytest.mark.parametrize("h,w,n", ODD_EVEN)
+def test_exported_program_matches_eager(export_dir, eager, h, w, n):
     prog = torch.export.load(str(export_dir / PROGRAM_NAME)).module()
-    x = _x(56, 96, 7, n=2)
+    x = _x(h, w, 7 + h, n=n)
     with torch.no_grad():
         for a, b in zip(prog(x), eager(x)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("h,w,n", ODD_EVEN)
+def test_onnx_accepts_every_size(export_dir, eager, h, w, n):
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(export_dir / ONNX_NAME), providers=["CPUExecutionProvider"])
+    x = _x(h, w, 11 + w, n)
+    with torch.no_grad():
+        for a, b in zip(s.run(None, {"image": x.numpy()}), eager(x)):
+            torch.testing.assert_close(torch.from_numpy(a), b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_self_check_covers_odd_halvings(export_dir):
+    m = json.loads((export_dir / MANIFEST_NAME).read_text())
+    assert m["self_check"]["sizes"] == [[48, 80], [63, 94], [62, 63]]
+    for fmt in ("torchscript", "onnx", "pt2"):
+        assert m["artefacts"][fmt]["check"]["forward"]["worst_at"] in m["self_check"]["sizes"]
+
+
+def test_export_refuses_a_program_that_refuses_sizes(tmp_path, weight_files, monkeypatch):
+    """A program that only runs at the traced size (here: exported without dynamic shapes)
+    is refused with a clear message, and nothing is written."""
+    import nst.export.to_program as program_mod
+
+    def static_write(module, example, path, min_side):
+        torch.export.save(torch.export.export(module, (example,)), str(path))
+
+    monkeypatch.setattr(program_mod, "write", static_write)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=r"pt2 self-check failed: it does not run on a 48x80 input .*leave it out "
+                                          r"\(--formats torchscript\)"):
+        export_extractor(ExportSettings(out=out, weights=str(weight_files["features"]), trace_size="64x64",
+                                        check_size="48x80", formats=("torchscript", "pt2")))
+    assert not out.exists() or list(out.iterdir()) == []
 
 
 def test_loader_gives_differentiable_extractor(export_dir, eager):

@@ -190,3 +190,48 @@ def test_memory_estimate_against_measured_peak_on_cpu(tmp_path):
         measured = __import__("json").loads(r.stdout.strip().splitlines()[-1])["step_peak"]
         est = estimate_breakdown(size, size, DEFAULT_TAPS, checkpoint=(ck == "on"))["step"]
         assert lo <= est / measured <= hi, (ck, est / 2**20, measured / 2**20)
+
+
+@pytest.mark.slow
+def test_budget_holds_from_process_start_with_the_image_written(tmp_path):
+    """The promise as a user sees it: from the moment `nst` is started to the moment the
+    image file is complete, no more than --time-budget seconds (start-up, weights, targets
+    at each scale, warm-up and writing included), at 384 px on this CPU."""
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)).resize((384, 288), Image.BICUBIC).save(
+        tmp_path / "c.png")
+    Image.fromarray(rng.integers(0, 256, size=(96, 96, 3), dtype=np.uint8)).resize((384, 384)).save(tmp_path / "s.png")
+    budget = 30.0
+    out = tmp_path / "o.png"
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "nst", "-q", "stylize", str(tmp_path / "c.png"), "--style",
+                        str(tmp_path / "s.png"), "-o", str(out), "--weights", W, "--size", "384", "--scales", "auto",
+                        "--time-budget", str(budget), "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, NST_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr
+    assert os.path.getmtime(out) - t0 <= budget, r.stdout
+    with Image.open(out) as im:
+        assert im.size == (384, 288)
+
+
+def test_the_budget_plan_from_measured_costs():
+    """The cost model's arithmetic: setup and warm-up once per scale, then steps; the
+    coarsest scales go first when the time cannot pay every scale's setup and one step."""
+    from nst.engine.budget import ScaleCost, ScalePlan, affordable, allocate, replan
+
+    cost = ScaleCost(setup_s=1.0, warmup_s=0.5, step_s=0.25)
+    assert cost.seconds(4) == 2.5 and cost.steps_within(2.5) == 4 and cost.steps_within(0.1) == 1
+    plans = [ScalePlan(s, (s, s), ScaleCost(0.5 * k, 0.1, 0.1 * k)) for k, s in enumerate((128, 256, 512), 1)]
+    allocate(plans, 20.0)
+    assert plans[-1].planned_s >= 10.0 - plans[-1].cost.step_s  # half to the final scale, plus the rounding
+    assert sum(sc.planned_s for sc in plans) <= 20.0
+    assert all(sc.planned_s == sc.cost.seconds(sc.steps) for sc in plans[:-1])
+    # Only the final scale's setup and step fit: the coarse ones are dropped.
+    assert [sc.size for sc in affordable(plans, 2.0)] == [512]
+    assert [sc.size for sc in affordable(plans, 3.3)] == [256, 512]
+    assert [sc.size for sc in affordable(plans, 4.0)] == [128, 256, 512]
+    # The last scale runs to the end the caller gives (the budget less margin and writing).
+    for sc in plans:
+        sc.initial_steps, sc.initial_planned_s = sc.steps, sc.planned_s
+    assert replan(plans, 2, 15.0, 19.0) == pytest.approx(4.0)
+    assert replan(plans, 0, 0.0, 19.0) == pytest.approx(plans[0].planned_s)

@@ -143,7 +143,7 @@ def test_recipe_runs_and_lowers_its_loss(name, drawn):
     demo does; everything else is the recipe's."""
     content, style = drawn
     base = recipes.settings(name)
-    s = recipes.settings(name, weights="random:0", steps=8, progress_every=1, style_weight=base.style_weight * 100,
+    s = recipes.settings(name, weights="random:0", device="cpu", steps=8, progress_every=1, style_weight=base.style_weight * 100,
                          **({"resize": "96x54"} if base.resize else {"size": 64}))
     r = run(content, [(style, 1.0)], s)
     assert r.stats.steps_run == 8 and r.stats.optimizer == base.optimizer
@@ -163,7 +163,7 @@ def test_gram_norms_match_their_formulas(norm, eager):
     content, style, x = (torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(i)) for i in range(3))
     layers = "relu1_1:0.7,relu3_1:1.3"
     s = StylizeSettings(style_layers=layers, content_layers="relu2_1", gram_norm=norm, reference=True,
-                        weights="random:0", size=56)
+                        weights="random:0", size=56, device="cpu")
     p = prepare(content[0], [(style[0], 1.0)], s, extractor=eager)
     with torch.no_grad():
         got = p.objective(x)[2].double()
@@ -183,7 +183,8 @@ def test_gram_norms_match_their_formulas(norm, eager):
 @pytest.mark.parametrize("norm", ["mean", "half-sum"])
 def test_content_norms_match_their_formulas(norm, eager):
     content, style, x = (torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(10 + i)) for i in range(3))
-    s = StylizeSettings(content_layers="relu2_1:0.5,relu4_2", content_norm=norm, reference=True, size=56)
+    s = StylizeSettings(content_layers="relu2_1:0.5,relu4_2", content_norm=norm, reference=True, size=56,
+                        device="cpu")
     p = prepare(content[0], [(style[0], 1.0)], s, extractor=eager)
     with torch.no_grad():
         got = p.objective(x)[1].double()
@@ -219,7 +220,7 @@ def test_step_schedule_changes_the_trajectory(optimizer, eager, drawn):
     """A step decay by 1e-6 after every step all but freezes the image after the first
     step, and the image ends where a one-step run's did; a constant rate keeps moving."""
     content, style = drawn
-    common = dict(size=48, progress_every=1, optimizer=optimizer, reference=True, init="noise", lr=0.05
+    common = dict(size=48, device="cpu", progress_every=1, optimizer=optimizer, reference=True, init="noise", lr=0.05
                   if optimizer == "adam" else 1.0)
     one = run(content, [(style, 1.0)], StylizeSettings(steps=1, **common), extractor=eager)
     frozen = run(content, [(style, 1.0)], StylizeSettings(steps=5, lr_schedule="step", lr_decay_every=1,
@@ -258,7 +259,8 @@ def test_resize_with_multiscale_keeps_the_exact_size():
     from nst.engine.multiscale import render
 
     r = render(torch.rand(3, 90, 120), [(torch.rand(3, 64, 64), 1.0)],
-               StylizeSettings(resize="140x66", scales="70", steps=2, weights="random:1", progress_every=1))
+               StylizeSettings(resize="140x66", scales="70", steps=2, weights="random:1", progress_every=1,
+                               device="cpu"))
     assert [tuple(s["hw"]) for s in r.stats.scales] == [(33, 70), (66, 140)]
     assert tuple(r.image.shape) == (3, 66, 140)
 
@@ -307,7 +309,8 @@ def test_api_takes_a_recipe(drawn):
     import nst.engine
 
     content, style = drawn
-    r = nst.engine.stylize(content, style, recipe="lbfgs-normalised", weights="random:0", resize="72x40", steps=2)
+    r = nst.engine.stylize(content, style, recipe="lbfgs-normalised", weights="random:0", resize="72x40", steps=2,
+                           device="cpu")
     assert tuple(r.image.shape) == (3, 40, 72) and r.stats.optimizer == "lbfgs" and r.stats.steps_run == 2
 
 
@@ -319,7 +322,7 @@ def test_targets_file_folds_the_normalisation_into_the_layer_weights(tmp_path, e
 
     content, style = drawn
     s = StylizeSettings(extractor=str(export_dir), gram_norm="4n2m2", content_norm="half-sum", reference=True,
-                        resize="64x48", style_layers="relu1_1:0.5,relu3_1", content_layers="relu4_2:2")
+                        device="cpu", resize="64x48", style_layers="relu1_1:0.5,relu3_1", content_layers="relu4_2:2")
     p = prepare(content, [(style, 1.0)], s)
     info = write_targets(p, export_dir, tmp_path / "t.pt")
     # relu4_2: 512 channels at stride 8 -> 6x8; relu1_1: 64 channels; relu3_1: 256 channels.

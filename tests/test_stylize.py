@@ -206,8 +206,10 @@ def test_callback_sees_every_step_and_losses_at_progress_intervals(net):
     run(_smooth(48, 48, 1), [(_img(48, 48, 2), 1.0)], _settings(steps=6, progress_every=4), extractor=net,
         callback=every_2)
     # Losses are read (a host sync) at steps 1 and 5 (every 4 from the first) and at the last.
-    assert steps == [(1, 6, True), (2, 6, False), (3, 6, False), (4, 6, False), (5, 6, True), (6, 6, True)]
-    assert images == [(2, (3, 64, 64)), (4, (3, 64, 64)), (6, (3, 64, 64))]
+    # Step 0 comes once before the first step.
+    assert steps == [(0, 6, False), (1, 6, True), (2, 6, False), (3, 6, False), (4, 6, False), (5, 6, True),
+                     (6, 6, True)]
+    assert images == [(0, (3, 64, 64)), (2, (3, 64, 64)), (4, (3, 64, 64)), (6, (3, 64, 64))]
 
 
 def test_bad_settings(net):

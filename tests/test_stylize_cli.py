@@ -64,6 +64,18 @@ def test_save_every_writes_intermediates(images):
     assert (images / "out_00002.png").exists() and (images / "out_00004.png").exists()
 
 
+def test_save_every_and_gif_frames_count_steps_over_all_scales(images):
+    """Two scales of 7 steps: intermediates at render steps 5 and 10 (the second inside the
+    second scale), and a GIF frame every 3 render steps plus the final image."""
+    code = main(_args(images, "--steps", "7", "--scales", "48", "--save-every", "5", "--gif", str(images / "g.gif"),
+                      "--gif-every", "3"))
+    assert code == 0
+    saved = sorted(p.name for p in images.glob("out_*.png"))
+    assert saved == ["out_00005.png", "out_00010.png"]
+    with Image.open(images / "g.gif") as gif:
+        assert gif.n_frames == 4 + 1  # render steps 3, 6, 9, 12, then the image written
+
+
 def test_init_from_file(images):
     assert main(_args(images, "--init", str(images / "style2.png"))) == 0
 

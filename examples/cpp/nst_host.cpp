@@ -1,6 +1,7 @@
 // nst_host: run the style-transfer optimisation in C++ from an `nst export` directory.
 //
 //   nst_host EXPORT_DIR TARGETS.pt OUT.ppm [--steps N] [--lr X] [--print-every N] [--losses FILE]
+//            [--device cpu|cuda]
 //
 // EXPORT_DIR holds manifest.json and extractor.ts (`nst export`); TARGETS.pt holds the
 // content features, style Grams, start image and loss settings (`nst targets`). The loop
@@ -12,8 +13,13 @@
 //   tv       = mean((x[i+1,j]-x[i,j])^2) + mean((x[i,j+1]-x[i,j])^2)
 //   total    = w_c content + w_s style + w_tv tv
 //
+// On CUDA the float32 convolutions and matmuls run as IEEE float32, as the Python engine's
+// fp32 path does: libtorch would otherwise run cuDNN convolutions in TF32.
+//
 // Errors print one line, "nst_host: error: ...", and exit 1.
 
+#include <ATen/Context.h>
+#include <torch/cuda.h>
 #include <torch/script.h>
 #include <torch/torch.h>
 
@@ -60,7 +66,22 @@ struct Setup {
   std::vector<torch::Tensor> content, grams;
   torch::Tensor init;
   double wc = 1, ws = 1, wtv = 0, lr = 0.02;
+  torch::Device device = torch::kCPU;
 };
+
+torch::Device pick_device(const std::string& name) {
+  if (name == "cpu") return torch::kCPU;
+  if (name != "cuda") throw UserError("unknown --device " + name + "; use cpu or cuda");
+  if (!torch::cuda::is_available())
+    throw UserError("--device cuda: no CUDA GPU is available to this nst_host (no GPU, or it was built without "
+                    "libtorch_cuda: see examples/cpp/CMakeLists.txt)");
+  // IEEE float32 for cuDNN convolutions and cuBLAS matmuls (the per-backend settings of
+  // libtorch >= 2.9; the legacy allow-TF32 flags must not be mixed with them).
+  auto& ctx = at::globalContext();
+  ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, at::Float32Precision::IEEE);
+  ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, at::Float32Precision::IEEE);
+  return torch::Device(torch::kCUDA);
+}
 
 int64_t tap_index(const std::vector<std::string>& taps, const std::string& name, const std::string& where) {
   for (size_t i = 0; i < taps.size(); ++i)
@@ -101,7 +122,7 @@ void read_targets(const std::string& path, Setup& s) {
     if (!probe) throw UserError("targets file not found or unreadable: " + path);
   }
   try {
-    t = torch::jit::load(path, torch::kCPU, extra);
+    t = torch::jit::load(path, s.device, extra);
   } catch (const std::exception& e) {
     throw UserError("cannot load targets file " + path + ": " + first_line(e.what()));
   }
@@ -132,10 +153,10 @@ void read_targets(const std::string& path, Setup& s) {
   }
   try {
     for (size_t i = 0; i < s.content_layers.size(); ++i)
-      s.content.push_back(t.attr("content_" + std::to_string(i)).toTensor().to(torch::kFloat32));
+      s.content.push_back(t.attr("content_" + std::to_string(i)).toTensor().to(s.device, torch::kFloat32));
     for (size_t i = 0; i < s.style_layers.size(); ++i)
-      s.grams.push_back(t.attr("gram_" + std::to_string(i)).toTensor().to(torch::kFloat32).squeeze(0));
-    s.init = t.attr("init").toTensor().to(torch::kFloat32).contiguous();
+      s.grams.push_back(t.attr("gram_" + std::to_string(i)).toTensor().to(s.device, torch::kFloat32).squeeze(0));
+    s.init = t.attr("init").toTensor().to(s.device, torch::kFloat32).contiguous();
   } catch (const std::exception& e) {
     throw UserError(path + " lacks a tensor: " + first_line(e.what()));
   }
@@ -153,7 +174,7 @@ torch::Tensor gram(const torch::Tensor& f) {  // f: (1, C, H, W) -> (C, C)
 
 void write_ppm(const torch::Tensor& x, const std::string& path) {
   // x: (1, 3, H, W) in [0, 1] -> binary PPM (P6), 8 bits, written to a temporary name first.
-  auto img = (x.detach().clamp(0, 1) * 255.0).round().to(torch::kUInt8)[0].permute({1, 2, 0}).contiguous();
+  auto img = (x.detach().cpu().clamp(0, 1) * 255.0).round().to(torch::kUInt8)[0].permute({1, 2, 0}).contiguous();
   std::string tmp = path + ".partial";
   {
     std::ofstream f(tmp, std::ios::binary);
@@ -168,10 +189,10 @@ void write_ppm(const torch::Tensor& x, const std::string& path) {
 int run(int argc, char** argv) {
   if (argc < 4) {
     std::cerr << "usage: nst_host EXPORT_DIR TARGETS.pt OUT.ppm [--steps N] [--lr X] [--print-every N] "
-                 "[--losses FILE]\n";
+                 "[--losses FILE] [--device cpu|cuda]\n";
     return 2;
   }
-  std::string dir = argv[1], targets = argv[2], out = argv[3], losses_path;
+  std::string dir = argv[1], targets = argv[2], out = argv[3], losses_path, device = "cpu";
   int64_t steps = 100, every = 10;
   double lr_override = -1;
   for (int i = 4; i < argc; ++i) {
@@ -183,6 +204,7 @@ int run(int argc, char** argv) {
       else if (a == "--lr") lr_override = std::stod(v);
       else if (a == "--print-every") every = std::stoll(v);
       else if (a == "--losses") losses_path = v;
+      else if (a == "--device") device = v;
       else throw UserError("unknown option " + a);
     } catch (const std::invalid_argument&) {
       throw UserError("bad value for " + a + ": " + v);
@@ -192,6 +214,7 @@ int run(int argc, char** argv) {
   if (out.size() < 4 || out.substr(out.size() - 4) != ".ppm") throw UserError("the output must be a .ppm file");
 
   Setup s;
+  s.device = pick_device(device);
   read_manifest(dir, s);
   torch::jit::Module net;
   {
@@ -199,7 +222,7 @@ int run(int argc, char** argv) {
     if (!probe) throw UserError("TorchScript file not found: " + s.ts_file);
   }
   try {
-    net = torch::jit::load(s.ts_file, torch::kCPU);
+    net = torch::jit::load(s.ts_file, s.device);
   } catch (const std::exception& e) {
     throw UserError("cannot load TorchScript file " + s.ts_file + ": " + first_line(e.what()));
   }
@@ -215,9 +238,9 @@ int run(int argc, char** argv) {
     if (!losses) throw UserError("cannot write " + losses_path);
     losses.precision(17);
   }
-  std::printf("nst_host: %lld steps on a %lldx%lld image, Adam lr %g, %zu content and %zu style layers\n",
-              static_cast<long long>(steps), static_cast<long long>(x.size(2)), static_cast<long long>(x.size(3)), lr,
-              s.content_layers.size(), s.style_layers.size());
+  std::printf("nst_host: %lld steps on a %lldx%lld image (WxH) on %s, Adam lr %g, %zu content and %zu style layers\n",
+              static_cast<long long>(steps), static_cast<long long>(x.size(3)), static_cast<long long>(x.size(2)),
+              device.c_str(), lr, s.content_layers.size(), s.style_layers.size());
   for (int64_t step = 0; step < steps; ++step) {
     opt.zero_grad();
     auto outputs = net.forward({x});
@@ -226,7 +249,8 @@ int run(int argc, char** argv) {
     if (feats.size() != s.taps.size())
       throw UserError("the extractor returned " + std::to_string(feats.size()) + " outputs; the manifest lists " +
                       std::to_string(s.taps.size()) + " taps");
-    auto content = torch::zeros({}, torch::kFloat32), style = torch::zeros({}, torch::kFloat32);
+    auto zero = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat32).device(s.device));
+    auto content = zero, style = zero;
     for (size_t i = 0; i < s.content_layers.size(); ++i) {
       auto f = feats[s.content_layers[i].index].toTensor();
       content = content + s.content_layers[i].weight * (f - s.content[i]).pow(2).mean();
