@@ -14,7 +14,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -26,6 +25,7 @@ from nst.engine.multiscale import render
 from nst.engine.settings import StylizeSettings, option
 
 from .inputs import content_and_style
+from .report import results_dir
 
 log = logging.getLogger("nst")
 
@@ -41,7 +41,8 @@ class QualitySettings:
     weights: str = option("random:0", help="weights spec", metavar="SPEC")
     content: str | None = option(None, help="content image (default: the demo's drawing)", metavar="FILE")
     style: str | None = option(None, help="style image (default: the demo's drawing)", metavar="FILE")
-    out: str = option("bench/results", help="directory for the JSON and markdown", metavar="DIR")
+    out: str | None = option(None, help="directory for the JSON and markdown (default: bench/results, or a temporary directory with "
+                             "--quick, which never overwrites the committed results)", metavar="DIR")
     name: str | None = option(None, help="file stem (default: quality-<device>)")
     quick: bool = option(False, help="tiny size and budget: proves the script works, measures nothing")
 
@@ -127,7 +128,7 @@ def markdown(r: dict) -> str:
 
 def main_from_args(cfg: QualitySettings) -> int:
     r = run_quality(cfg)
-    out = Path(cfg.out)
+    out = results_dir(cfg.out, cfg.quick)
     out.mkdir(parents=True, exist_ok=True)
     stem = cfg.name or f"quality-{r['device']}-{r['size']}"
     atomic_write_text(out / f"{stem}.json", json.dumps(r, indent=1) + "\n")

@@ -40,7 +40,7 @@ from nst.engine.weights import resolve_weights
 
 from .originals import ORIGINALS
 from .probes import environment, slug
-from .report import pyplot
+from .report import pyplot, results_dir
 
 log = logging.getLogger("nst")
 
@@ -66,7 +66,8 @@ class RecipeBenchSettings:
                           "shared machine must not decide a median, 5 on GPU)")
     device: str = option("auto", help="auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     weights: str = option("random:0", help="weights spec (speed does not depend on the values)", metavar="SPEC")
-    out: str = option("bench/results", help="directory for the JSON, markdown and plot", metavar="DIR")
+    out: str | None = option(None, help="directory for the JSON, markdown and plot (default: bench/results, or a temporary directory with "
+                             "--quick, which never overwrites the committed results)", metavar="DIR")
     name: str | None = option(None, help="file stem (default: recipes-<device>)")
     quick: bool = option(False, help="64 px and one step: proves the script and the parity checks, measures nothing")
 
@@ -206,7 +207,7 @@ def plot(results: dict, path: Path) -> Path | None:
 
 def main_from_args(cfg: RecipeBenchSettings) -> int:
     results = run(cfg)
-    out = Path(cfg.out)
+    out = results_dir(cfg.out, cfg.quick)
     out.mkdir(parents=True, exist_ok=True)
     stem = cfg.name or "recipes-" + slug(results["environment"]["device"])
     paths = [out / f"{stem}.json", out / f"{stem}.md"]

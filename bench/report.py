@@ -8,6 +8,22 @@ from pathlib import Path
 log = logging.getLogger("nst")
 
 
+RESULTS = Path("bench/results")
+
+
+def results_dir(out: str | None, quick: bool) -> Path:
+    """Where a benchmark writes: ``--out``; else bench/results/, the committed results,
+    except for --quick runs, which prove the script and measure nothing: they go to a new
+    temporary directory, so that a check never overwrites a measurement."""
+    if out:
+        return Path(out)
+    if quick:
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix="nst-bench-quick-"))
+    return RESULTS
+
+
 def _mb(b):
     return f"{b / 2**20:,.0f} MiB" if b else "-"
 

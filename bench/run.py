@@ -30,6 +30,7 @@ from .goals import check_goals
 from .inputs import drawn_pair
 from .probes import environment, slug
 from .profile import profile_engine
+from .report import results_dir
 from .rows import derive, run_size
 from .timing import matmul_peak, time_steps
 
@@ -51,7 +52,8 @@ class BenchSettings:
     device: str = option("auto", help="auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     weights: str = option("random:0", help="weights spec; speed does not depend on the values, and the "
                           "default needs no download", metavar="SPEC")
-    out: str = option("bench/results", help="directory for the JSON, markdown and plot", metavar="DIR")
+    out: str | None = option(None, help="directory for the JSON, markdown and plot (default: bench/results, or a temporary directory with "
+                             "--quick, which never overwrites the committed results)", metavar="DIR")
     name: str | None = option(None, help="file stem for the results (default: from the device name)")
     interleave: bool | None = option(None, help="time the rows round-robin (default: on the CPU, where a shared "
                                      "machine's slow moments should hit every row alike; not on GPUs)")
@@ -198,7 +200,7 @@ def write(results: dict, out_dir: Path, name: str | None) -> list[Path]:
 
 def main_from_args(cfg: BenchSettings) -> int:
     results = run(cfg)
-    paths = write(results, Path(cfg.out), cfg.name)
+    paths = write(results, results_dir(cfg.out, cfg.quick), cfg.name)
     from .report import markdown
 
     print(markdown(results))

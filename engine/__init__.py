@@ -6,23 +6,42 @@ Public entry points:
 - :func:`resolve_weights`: weights specs (imagenet, a file, random[:SEED]);
 - :func:`stylize`: the main job, content + style(s) -> stylised image and per-step stats;
 - :func:`save_image`: write a result's image (atomically; the extension picks the format).
+
+The names are loaded on first use (PEP 562), so ``import nst.engine.errors`` or
+``nst --version`` does not pay for importing torch.
 """
 
-from .errors import ExportError, InputError, ManifestError, NonFiniteLossError, NSTError, WeightsError
-from .features import VGGFeatures, build_extractor
-from .layers import DEFAULT_TAPS, IMAGENET_MEAN, IMAGENET_STD, parse_taps, vgg_layers
-from .loader import ScriptedExtractor, load_export, load_extractor
-from .weights import Weights, resolve_weights
-from .settings import StylizeSettings
-from .stats import Result, RunStats
-from .loop import StepInfo
-from .imageio import save_image
-from .api import stylize
-from . import recipes
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_TAPS", "IMAGENET_MEAN", "IMAGENET_STD", "VGGFeatures", "ScriptedExtractor", "Weights",
-    "build_extractor", "load_export", "load_extractor", "parse_taps", "resolve_weights", "vgg_layers",
-    "StylizeSettings", "Result", "RunStats", "StepInfo", "NonFiniteLossError", "stylize", "save_image", "recipes",
-    "NSTError", "WeightsError", "InputError", "ExportError", "ManifestError",
-]
+import importlib
+
+_WHERE = {
+    "ExportError": "errors", "InputError": "errors", "ManifestError": "errors", "NonFiniteLossError": "errors",
+    "NSTError": "errors", "WeightsError": "errors",
+    "VGGFeatures": "features", "build_extractor": "features",
+    "DEFAULT_TAPS": "layers", "IMAGENET_MEAN": "layers", "IMAGENET_STD": "layers", "parse_taps": "layers",
+    "vgg_layers": "layers",
+    "ScriptedExtractor": "loader", "load_export": "loader", "load_extractor": "loader",
+    "Weights": "weights", "resolve_weights": "weights",
+    "StylizeSettings": "settings",
+    "Result": "stats", "RunStats": "stats",
+    "StepInfo": "loop",
+    "save_image": "imageio",
+    "stylize": "api",
+}
+
+__all__ = [*_WHERE, "recipes"]
+
+
+def __getattr__(name: str):
+    if name == "recipes":
+        return importlib.import_module(".recipes", __name__)
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

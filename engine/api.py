@@ -18,6 +18,7 @@ from .multiscale import render
 from .progress import ProgressBar
 from .settings import StylizeSettings
 from .stats import Result
+from .targets import style_blend
 
 INIT_KEYWORDS = ("content", "noise", "style")
 
@@ -40,6 +41,15 @@ def required_min_side(settings: StylizeSettings) -> int:
     return _min_side(settings.taps(), settings.network)
 
 
+def _style_items(style) -> list:
+    """One style (a path, image or tensor, or one ``(image, weight)`` pair) or a list of them."""
+    if isinstance(style, tuple) and len(style) == 2 and isinstance(style[1], (int, float)):
+        return [style]
+    if isinstance(style, (list, tuple)):
+        return list(style)
+    return [style]
+
+
 def stylize(content, style, settings: StylizeSettings | None = None, extractor=None, progress: bool = False,
             recipe: str | None = None, callback: Callback | None = None, **overrides) -> Result:
     """Stylise ``content`` with ``style``.
@@ -57,12 +67,10 @@ def stylize(content, style, settings: StylizeSettings | None = None, extractor=N
     else:
         settings = dataclasses.replace(settings or StylizeSettings(), **overrides)
     need = required_min_side(settings)
+    items = [(item if isinstance(item, tuple) else (item, 1.0)) for item in _style_items(style)]
+    style_blend(w for _, w in items)  # checked before any image is read
     content_t = as_image(content, "content image", need)
-    items = style if isinstance(style, (list, tuple)) and not isinstance(style, torch.Tensor) else [style]
-    styles = []
-    for item in items:
-        img, w = item if isinstance(item, tuple) else (item, 1.0)
-        styles.append((as_image(img, "style image", need), float(w)))
+    styles = [(as_image(img, "style image", need), float(w)) for img, w in items]
     init = settings.init
     if isinstance(init, str) and init not in INIT_KEYWORDS:
         init = as_image(init, "init image", need)

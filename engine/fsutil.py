@@ -1,39 +1,82 @@
-"""Small file helpers: atomic writes and hashing."""
+"""Small file helpers: where a file may be written, atomic writes, hashing.
+
+Every file the program writes goes through ``atomic_path``: it writes a temporary file
+beside the target and renames it onto the target only when complete. A symlink is written
+through (its target is replaced, the link stays); a target that exists and is not a
+regular file (a device, a FIFO, a directory) is refused, never replaced; an OSError
+(a full disk, a read-only filesystem) becomes one clear ``OutputError``.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import InputError
+
+
+class OutputError(InputError):
+    """A file could not be written where it was asked for (an InputError: the path is the user's)."""
+
+
+def write_target(path: str | os.PathLike, label: str = "output") -> Path:
+    """The file that writing ``path`` will replace: ``path`` itself, or a symlink's target.
+    Refuses, before any work, a target that is not a regular file, a parent that is not a
+    directory, and a directory this process cannot create files in (tried, not guessed:
+    permissions do not stop root, a read-only filesystem does)."""
+    path = Path(path)
+    target = path.resolve() if path.is_symlink() else path
+    if target.exists() and not target.is_file():
+        kind = "a directory" if target.is_dir() else "not a regular file (a device, FIFO or socket)"
+        raise OutputError(f"{label} path {path} is {kind}; name a file to write")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.exists():
+        raise OutputError(f"{label} directory {parent} does not exist")
+    if not parent.is_dir():
+        raise OutputError(f"{label} directory {parent} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{label} directory {parent} is not writable ({e.strerror or e})") from None
+    return target
+
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+def atomic_path(path: str | os.PathLike, suffix: str | None = None, label: str = "output") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``'s target; rename it onto the target on success.
 
     The temporary name starts with a dot and ends in ``.partial`` so that an interrupted
     write never leaves a file under the final name, and never one that looks finished.
     ``suffix`` is kept before ``.partial`` for writers that look at the extension.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=(suffix or "") + ".partial", dir=path.parent
-    )
-    os.close(fd)
-    tmp_path = Path(tmp)
-    # mkstemp creates 0600 files; give the result the usual permissions (umask applies).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
+    target = Path(path)
+    target = target.resolve() if target.is_symlink() else target
+    if target.exists() and not target.is_file():
+        raise OutputError(f"{label} path {path} is not a regular file; it was not replaced")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=(suffix or "") + ".partial", dir=target.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        # mkstemp creates 0600 files; give the result the usual permissions (umask applies).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         yield tmp_path
-        os.replace(tmp_path, path)
+        os.replace(tmp_path, target)
+    except OSError as e:
+        why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise OutputError(f"cannot write {path}: {why}") from None
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 

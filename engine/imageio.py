@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
-from .fsutil import atomic_path
+from .fsutil import atomic_path, write_target
 from .sizes import fit_long_edge
 
 log = logging.getLogger("nst")
@@ -39,19 +39,7 @@ def check_output_path(path: str | os.PathLike) -> Path:
         raise InputError(
             f"unknown output extension {shown} for {path}; use one of {', '.join(sorted(set(SAVE_FORMATS)))}"
         )
-    return check_writable(path, "output")
-
-
-def check_writable(path: Path, label: str) -> Path:
-    """Refuse a file path that is a directory or whose directory is missing or read-only."""
-    if path.is_dir():
-        raise InputError(f"{label} path {path} is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.exists():
-        raise InputError(f"{label} directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{label} directory {parent} is not writable")
-    return path
+    return write_target(path, "output")
 
 
 def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, what: str = "image", min_side: int = 1) -> torch.Tensor:
@@ -174,7 +162,7 @@ def check_gif_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".gif":
         raise InputError(f"--gif {path}: the file name must end in .gif")
-    return check_writable(path, "--gif")
+    return write_target(path, "--gif")
 
 
 def gif_frame(x: torch.Tensor, hw: tuple[int, int]) -> Image.Image:

@@ -18,7 +18,7 @@ from .errors import InputError, ManifestError
 from .features import VGGFeatures, build_extractor
 from .fsutil import sha256_file
 from .layers import DEFAULT_TAPS, parse_taps
-from .manifest import read_manifest
+from .manifest import EMBEDDED_NAME, check_embedded, read_manifest
 
 
 @contextlib.contextmanager
@@ -139,11 +139,13 @@ def load_export(
         raise ManifestError(
             f"{path}: SHA-256 does not match the manifest (the file was changed after export); re-export it"
         )
+    extra = {EMBEDDED_NAME: ""}
     try:
         with quiet_jit():
-            scripted = torch.jit.load(str(path), map_location="cpu")
+            scripted = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except (RuntimeError, ValueError, OSError) as e:
         raise ManifestError(f"cannot load TorchScript file {path}: {str(e).strip().splitlines()[0]}") from None
+    check_embedded(extra[EMBEDDED_NAME], manifest, path)
     scripted.eval()
     module = ScriptedExtractor(scripted, manifest, wanted)
     _check_outputs(module, manifest, path)

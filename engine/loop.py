@@ -180,8 +180,11 @@ def _finish(p: Prepared, stats: RunStats, hist: torch.Tensor, done: int, best: _
     h = hist[:done].cpu()
     stats.loss, stats.content, stats.style, stats.tv = (h[:, k].tolist() for k in range(4))
     if stats.stopped != "non-finite":
-        with torch.no_grad(), float32_math(p.objective.math):
-            final = p.objective(p.x.detach()).tolist()
+        try:
+            with torch.no_grad(), float32_math(p.objective.math):
+                final = p.objective(p.x.detach()).tolist()
+        except KeyboardInterrupt:  # a second Ctrl-C: keep the best image seen, skip this check
+            stats.stopped, final = "interrupted", [math.nan]
         if math.isfinite(final[0]):
             best.offer(final[0], done, p.x.detach(), ties=True)  # on a tie, the image with more steps
     stats.final_loss, stats.image_from_step = best.loss, best.step

@@ -19,6 +19,12 @@ TORCHSCRIPT_NAME = "extractor.ts"
 ONNX_NAME = "extractor.onnx"
 PROGRAM_NAME = "extractor.pt2"
 
+# The description every artefact carries inside itself (TorchScript extra file, ONNX
+# metadata, ExportedProgram extra file), so that an edited manifest is caught: whoever
+# edits manifest.json can recompute a hash beside it, but not change what the files say.
+EMBEDDED_NAME = "nst.json"
+BOUND_FIELDS = ("network", "taps", "tap_channels", "tap_strides", "pool", "min_side", "dtype")
+
 _REQUIRED = ("format", "format_version", "network", "taps", "pool", "input", "normalization", "artefacts", "weights")
 
 
@@ -50,3 +56,21 @@ def read_manifest(directory: str | Path) -> dict:
             f"{path} has format version {data['format_version']}; this nst reads version {FORMAT_VERSION}"
         )
     return data
+
+
+def check_embedded(embedded: str, manifest: dict, path: Path) -> None:
+    """Refuse a manifest that disagrees with the description embedded in the artefact
+    ``path`` (a JSON text; empty for files written before it was embedded)."""
+    if not embedded:
+        raise ManifestError(f"{path} carries no description of itself ({EMBEDDED_NAME}): re-export it")
+    try:
+        inside = json.loads(embedded)
+    except json.JSONDecodeError:
+        raise ManifestError(f"{path}: its embedded description is not JSON; re-export it") from None
+    for key in BOUND_FIELDS:
+        mine = manifest["input"]["min_side"] if key == "min_side" else manifest.get(key)
+        if key in inside and inside[key] != mine:
+            raise ManifestError(
+                f"{MANIFEST_NAME} does not match {path.name}: {key} is {mine!r} in the manifest but "
+                f"{inside[key]!r} in the file (the manifest was edited); re-export"
+            )

@@ -94,6 +94,16 @@ def estimate_step_bytes(h: int, w: int, taps: tuple[str, ...], network: str = "v
     return b["resident"] + b["step"]
 
 
+def forward_bytes(h: int, w: int, taps: tuple[str, ...], network: str = "vgg19", act_bytes: int = 4) -> int:
+    """Peak bytes of one forward pass without gradients (a style image's targets): the
+    input, the largest activation and the next one beside it, and the taps kept."""
+    table = layer_by_name(network)
+    layers = layers_upto(taps, network)
+    elems = [l.out_channels * (h // l.stride) * (w // l.stride) for l in layers]
+    kept = sum(table[t].out_channels * (h // table[t].stride) * (w // table[t].stride) for t in taps)
+    return int((3 * h * w + 2 * max(elems) + kept) * max(act_bytes, 4))
+
+
 def available_bytes(device: str) -> int | None:
     """Free memory on the device: CUDA's free memory, or MemAvailable on Linux."""
     if device == "cuda":
@@ -112,11 +122,13 @@ def available_bytes(device: str) -> int | None:
 
 
 def plan_memory(h: int, w: int, taps, network: str, act_bytes: int, pool: str, device: str, mode: str = "auto",
-                limit_gib: float | None = None, can_checkpoint: bool = True) -> MemoryPlan:
+                limit_gib: float | None = None, can_checkpoint: bool = True, style_hws=()) -> MemoryPlan:
     """Decide plain vs checkpointed execution, or refuse with the largest size that fits.
 
     ``mode``: auto (checkpoint only when the plain step would not fit), on, off.
     ``limit_gib`` replaces the measured free memory (for tests and shared machines).
+    ``style_hws``: the style images' sizes, whose features are computed once; one larger
+    than the output whose forward pass would not fit is refused here, before it is resized.
     """
     plain = estimate_step_bytes(h, w, taps, network, act_bytes, pool, checkpoint=False)
     ckpt = estimate_step_bytes(h, w, taps, network, act_bytes, pool, checkpoint=True)
@@ -134,6 +146,13 @@ def plan_memory(h: int, w: int, taps, network: str, act_bytes: int, pool: str, d
             f"{h}x{w} needs about {need / GiB:.2f} GiB per step{how}, more than the {budget / GiB:.2f} GiB "
             f"available on {device}{hint}"
         )
+    for sh, sw in style_hws:
+        if sh * sw <= h * w:
+            continue  # no larger than a step's own forward pass, which the plan above covers
+        need = forward_bytes(sh, sw, taps, network) + 3 * h * w * 4 * 2
+        if budget is not None and need > budget:
+            raise InputError(f"a style image at {sh}x{sw} needs about {need / GiB:.2f} GiB for its features, more "
+                             f"than the {budget / GiB:.2f} GiB available on {device}: lower --style-scale")
     return MemoryPlan((h, w), plain, ckpt, avail, checkpoint, device)
 
 

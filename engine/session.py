@@ -90,26 +90,24 @@ def _warn_random(weights_info: dict) -> None:
         log.warning("using %s: %s", weights_info.get("source"), weights_info.get("note"))
 
 
-def _images(content, styles, settings: StylizeSettings, min_side: int, device) -> tuple:
-    """Content (1, 3, H, W) at the output size and the style images at theirs, on the device."""
+def _sizes(content, styles, settings: StylizeSettings, min_side: int) -> tuple:
+    """(H, W) of the output and of each style image, checked against the network's minimum
+    side; nothing is resized yet (the memory plan comes first)."""
     out_hw = settings.output_hw(tuple(content.shape[-2:]))
     if min(out_hw) < min_side:
         raise InputError(
             f"output size {out_hw[0]}x{out_hw[1]} is too small for the network: each side needs at least "
             f"{min_side} px (raise --size or --resize)"
         )
-    content_img = resize_to(content.float(), out_hw).unsqueeze(0).to(device)  # (1, 3, H, W)
     style_long = max(1, round(settings.style_scale * max(out_hw)))
-    style_imgs = []
-    for img, w in styles:
-        hw = fit_long_edge(tuple(img.shape[-2:]), style_long)
+    style_hws = [fit_long_edge(tuple(img.shape[-2:]), style_long) for img, _ in styles]
+    for hw in style_hws:
         if min(hw) < min_side:
             raise InputError(
                 f"a style image scaled to {hw[0]}x{hw[1]} is too small for the network (at least {min_side} px per "
                 "side): raise --style-scale or --size"
             )
-        style_imgs.append((resize_to(img.float(), hw).unsqueeze(0).to(device), float(w)))
-    return out_hw, content_img, style_imgs
+    return out_hw, style_hws
 
 
 def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], settings: StylizeSettings,
@@ -125,17 +123,21 @@ def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], set
                                    settings.network)
     weights_info = getattr(extractor, "weights_info", {}) or {}
     _warn_random(weights_info)
-    out_hw, content_img, style_imgs = _images(content, styles, settings, extractor.min_side, device)
+    out_hw, style_hws = _sizes(content, styles, settings, extractor.min_side)
 
-    # The memory plan, before anything large is allocated: plain, checkpointed, or refused.
+    # The memory plan, before anything large is allocated (or resized): plain,
+    # checkpointed, or refused.
     can_ckpt = getattr(extractor, "can_checkpoint", False)
     if settings.checkpointing == "on" and not can_ckpt:
         raise InputError("--checkpointing on needs the eager extractor; a TorchScript extractor cannot recompute blocks")
     mem = plan_memory(*out_hw, settings.taps(), settings.network, plan.act_bytes, settings.pool, plan.device,
-                      settings.checkpointing, settings.memory_limit, can_ckpt)
+                      settings.checkpointing, settings.memory_limit, can_ckpt, style_hws)
     log.debug("%s", mem.describe())
     if mem.checkpoint:
         log.info("%s", mem.describe())
+    content_img = resize_to(content.float(), out_hw).unsqueeze(0).to(device)  # (1, 3, H, W)
+    style_imgs = [(resize_to(img.float(), hw).unsqueeze(0).to(device), float(w))
+                  for (img, w), hw in zip(styles, style_hws)]
 
     # Targets: once, float32, NCHW, whatever the loop runs in; then the loop's own network.
     ref_net = place_network(extractor, device, channels_last=False)

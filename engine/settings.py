@@ -34,6 +34,8 @@ LR_UNITS = ("pixel", "imagenet")
 # [0, 1] pixel by about lr * 0.226 (per channel within 1.3%).
 IMAGENET_STD_MEAN = sum(IMAGENET_STD) / len(IMAGENET_STD)
 AUTO_START = 256  # the smallest automatic scale of --scales auto (long edge, px)
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes
+MAX_LOSS_WEIGHT = 1e30  # a weight times a loss must stay far below float32's 3.4e38
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, **meta: Any) -> Any:
@@ -137,12 +139,15 @@ class StylizeSettings:
             raise InputError(f"--size must be positive, got {self.size}")
         if self.steps < 1:
             raise InputError(f"--steps must be at least 1, got {self.steps}")
-        if self.lr is not None and not self.lr > 0:
-            raise InputError(f"--lr must be positive, got {self.lr}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InputError(f"--lr must be a positive finite number, got {self.lr}")
         for name in ("content_weight", "style_weight", "tv_weight"):
             v = getattr(self, name)
-            if not (v >= 0 and v != float("inf")):
-                raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+            if not (0 <= v <= MAX_LOSS_WEIGHT):
+                raise InputError(f"--{name.replace('_', '-')} must be a number from 0 to {MAX_LOSS_WEIGHT:g} (the "
+                                 f"losses are float32, whose largest value is about 3.4e38), got {v}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"--seed must be an integer from 0 to 2**63-1, got {self.seed}")
         positive = {"style_scale": self.style_scale, "loss_scale": self.loss_scale, "time_budget": self.time_budget,
                     "time_limit": self.time_limit, "memory_limit": self.memory_limit}
         for name, v in positive.items():

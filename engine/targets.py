@@ -6,6 +6,7 @@ image's features with these tensors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,29 @@ import torch
 from .errors import InputError
 from .losses import gram
 from .norms import content_norm_factor, style_norm_factor
+
+
+def check_style_weight(w, what: str = "") -> float:
+    """One style image's relative weight: a finite number >= 0."""
+    try:
+        w = float(w)
+    except (TypeError, ValueError):
+        w = float("nan")
+    if not (w >= 0 and math.isfinite(w)):
+        raise InputError(f"bad style weight {what or w!r}: must be a finite number >= 0")
+    return w
+
+
+def style_blend(weights) -> tuple[float, ...]:
+    """The style images' relative weights, normalised to sum to 1. Each must be a finite
+    number >= 0, and not all 0: the one check of the API, the command line and the loop."""
+    weights = [check_style_weight(w) for w in weights]
+    if not weights:
+        raise InputError("at least one style image is needed")
+    total = sum(weights)
+    if not total > 0:
+        raise InputError("style weights must not all be zero")
+    return tuple(w / total for w in weights)
 
 
 @dataclass
@@ -51,12 +75,7 @@ def compute_targets(
     missing = [n for n, _ in content_layers + style_layers if n not in taps]
     if missing:
         raise InputError(f"the extractor does not output layer {missing[0]} (it has {', '.join(taps)})")
-    if not styles:
-        raise InputError("at least one style image is needed")
-    total = sum(w for _, w in styles)
-    if not total > 0:
-        raise InputError("style weights must not all be zero")
-    blend = tuple(w / total for _, w in styles)
+    blend = style_blend(w for _, w in styles)
 
     feats = extractor(content.float())
     content_feats = [feats[taps.index(n)].float().clone() for n, _ in content_layers]

@@ -100,8 +100,11 @@ def resolve_weights(spec: str = "imagenet", network: str = "vgg19", upto: str | 
         seed_text = spec.partition(":")[2] or "0"
         try:
             seed = int(seed_text)
+            if not 0 <= seed < 2**63:
+                raise ValueError
         except ValueError:
-            raise WeightsError(f"bad weights spec {spec!r}: the seed after 'random:' must be an integer") from None
+            raise WeightsError(f"bad weights spec {spec!r}: the seed after 'random:' must be an integer from 0 to "
+                               "2**63-1") from None
         state = random_state(network, seed)
         return Weights(network, spec, "random", f"random:{seed}", None, state)
     if spec == "imagenet":

@@ -50,6 +50,7 @@ def export_extractor(settings: ExportSettings, module: VGGFeatures | None = None
     ``module`` may be given to export an already-built extractor (its weights are then
     taken from it, and ``settings.weights/taps/pool/network`` are ignored).
     """
+    out = _prepare_out(settings.out)
     if module is None:
         module = build_extractor(settings.weights, settings.taps, settings.pool, settings.network)
     else:
@@ -63,9 +64,9 @@ def export_extractor(settings: ExportSettings, module: VGGFeatures | None = None
         if min(h, w) < module.min_side:
             raise ExportError(f"{what} {h}x{w} is too small for tap {module.cut_after}: use at least {module.min_side} px")
 
-    out = settings.out
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".nst-export-", dir=out))
+    _check_space(out, module, settings.formats)
+    # Named after this process, so that a later export can tell a dead one's leftovers.
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out))
     caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -81,6 +82,54 @@ def export_extractor(settings: ExportSettings, module: VGGFeatures | None = None
     result = ExportResult(manifest)
     result.library_warnings = _unique_warnings(caught)
     return result
+
+
+STAGING_PREFIX = ".nst-export-"
+
+
+def _prepare_out(out: Path) -> Path:
+    """The output directory, made and proven writable before any work; leftovers of
+    exports that were killed are removed from it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".nst-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    _clean_leftovers(out)
+    return out
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove the staging directories that exports killed outright (SIGKILL, power loss)
+    left in ``out``; those of exports still running are left alone."""
+    for d in out.glob(f"{STAGING_PREFIX}*"):
+        pid = d.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        alive = False
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                alive = True
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                alive = True  # someone else's process
+        if not alive and d.is_dir():
+            log.info("removing %s, left by an export that did not finish", d)
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _check_space(out: Path, module: VGGFeatures, formats) -> None:
+    """Refuse before writing when ``out``'s filesystem cannot hold the artefacts: a full
+    disk in the middle of torch's writers can abort the process from C++, beyond any
+    Python clean-up. Each artefact is about the size of the weights."""
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    need = int(len(formats) * weights * 1.2) + 16 * 2**20
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise ExportError(f"{out} has {free / 2**20:.0f} MB free; the export needs about {need / 2**20:.0f} MB "
+                          f"({', '.join(formats)}); nothing was written")
 
 
 def _weights_line(module: VGGFeatures) -> str:
@@ -125,9 +174,9 @@ def _write(fmt: str, settings, module, example, path: Path) -> float:
         if fmt == "torchscript":
             to_torchscript.write(module, example, path, module.describe())
         elif fmt == "onnx":
-            to_onnx.write(module, example, path, module.taps, module.min_side, settings.opset)
+            to_onnx.write(module, example, path, module.taps, module.min_side, settings.opset, module.describe())
         else:
-            to_program.write(module, example, path, module.min_side)
+            to_program.write(module, example, path, module.min_side, module.describe())
     except NSTError:
         raise
     except Exception as e:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 from pathlib import Path
 
 import torch
 
 from nst.engine.errors import ExportError
+from nst.engine.manifest import EMBEDDED_NAME
 
 from .compare import forward_errors
 from .shapes import dynamic_shapes, guard_free_pooling_shapes
@@ -26,7 +28,10 @@ UNSUPPORTED = {"bf16": "ONNX Runtime has no bfloat16 Conv kernel, so a bf16 ONNX
                        "export with --precision fp16 or fp32 for ONNX"}
 
 
-def write(module: torch.nn.Module, example: torch.Tensor, path: Path, taps: tuple[str, ...], min_side: int, opset: int) -> None:
+def write(module: torch.nn.Module, example: torch.Tensor, path: Path, taps: tuple[str, ...], min_side: int, opset: int,
+          describe: dict) -> None:
+    """Export with dynamic batch, height and width; the description travels inside the file
+    as metadata (``onnx.load(path).metadata_props``, key "nst.json")."""
     # The exporter narrates its passes on stdout; keep that out of our summary.
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet), guard_free_pooling_shapes():
@@ -44,17 +49,20 @@ def write(module: torch.nn.Module, example: torch.Tensor, path: Path, taps: tupl
         if program is None:
             raise ExportError("torch.onnx.export returned no program")
         program.save(str(path), external_data=False)
-    _name_dims(path)
+    _name_dims_and_describe(path, describe)
 
 
-def _name_dims(path: Path) -> None:
-    """Rename the exporter's symbols (s77, s53...) to batch/height/width everywhere."""
+def _name_dims_and_describe(path: Path, describe: dict) -> None:
+    """Rename the exporter's symbols (s77, s53...) to batch/height/width everywhere, and
+    embed the description."""
     import onnx
 
     model = onnx.load(str(path))
+    model.metadata_props.append(onnx.StringStringEntryProto(key=EMBEDDED_NAME, value=json.dumps(describe)))
     dims = model.graph.input[0].type.tensor_type.shape.dim
     names = {dims[i].dim_param: new for i, new in ((0, "batch"), (2, "height"), (3, "width")) if dims[i].dim_param}
     if not names:
+        onnx.save(model, str(path))
         return
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
     for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):

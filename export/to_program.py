@@ -8,18 +8,23 @@ pixel optimisation still uses the TorchScript file.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+
+from nst.engine.manifest import EMBEDDED_NAME
 
 from .compare import forward_errors
 from .shapes import dynamic_shapes, guard_free_pooling_shapes
 
 
-def write(module: torch.nn.Module, example: torch.Tensor, path: Path, min_side: int) -> None:
+def write(module: torch.nn.Module, example: torch.Tensor, path: Path, min_side: int, describe: dict) -> None:
+    """Export with dynamic batch, height and width; the description travels inside the file
+    (``torch.export.load(path, extra_files={"nst.json": ""})``)."""
     with guard_free_pooling_shapes():
         program = torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes(min_side))
-    torch.export.save(program, str(path))
+    torch.export.save(program, str(path), extra_files={EMBEDDED_NAME: json.dumps(describe)})
 
 
 def check(path: Path, eager: torch.nn.Module, xs: list[torch.Tensor]) -> dict:

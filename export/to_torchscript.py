@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from nst.engine.manifest import EMBEDDED_NAME
+
 from .compare import forward_errors, max_errors
 
 
@@ -28,7 +30,7 @@ def write(module: torch.nn.Module, example: torch.Tensor, path: Path, describe: 
     has lost the manifest can still read the tap order.
     """
     traced = trace(module, example)
-    torch.jit.save(traced, str(path), _extra_files={"nst.json": json.dumps(describe)})
+    torch.jit.save(traced, str(path), _extra_files={EMBEDDED_NAME: json.dumps(describe)})
 
 
 def check(path: Path, eager: torch.nn.Module, xs: list[torch.Tensor], seed: int) -> dict:

@@ -86,7 +86,7 @@ def _commands() -> list[Command]:
                 "Write the VGG extractor (cut after its deepest tap) as TorchScript (.ts), ONNX (.onnx) and "
                 "ExportedProgram (.pt2), check each against the eager module at a size other than the traced one, "
                 "then write manifest.json. A failed check exits non-zero and writes no manifest."),
-        Command("stylize", StylizeJob, lambda s, a, t: stylize_command(s, a.quiet, t),
+        Command("stylize", StylizeJob, lambda s, a, t: stylize_command(s, a.quiet, t, a.recipe),
                 "render CONTENT in the style of one or more --style images",
                 "Optimise the pixels of an image so that its VGG features match CONTENT and the Gram matrices of the "
                 "--style images. Defaults: 512 px, 500 Adam steps, content at relu4_2, style at relu1_1..relu5_1.",
@@ -156,8 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     # A time budget counts from the process start when nst runs as a program (so Python's
     # start-up and imports are inside it), and from this call when called from Python.
     _CLOCK_START = time.perf_counter() - (_process_age() if argv is None else 0.0)
+    if argv is None:  # as a program: SIGTERM and SIGHUP stop a render as Ctrl-C does
+        from nst.engine.signals import stop_on_signals
+
+        stop_on_signals()
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    if argv[:1] == ["--version"]:  # answered before the parser imports torch
+        print(f"nst {__version__}")
+        return 0
+    try:
+        args = build_parser(argv).parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while torch is being imported
+        return _interrupted()
     _setup_logging(args.verbose, args.quiet)
     cmd: Command = args.command_obj
     try:
@@ -167,11 +177,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nst: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("nst: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
     except MemoryError:
         print("nst: error: out of memory", file=sys.stderr)
         return 1
+    except OSError as e:  # anything the commands did not turn into a clearer message
+        where = f": {e.filename}" if e.filename else ""
+        print(f"nst: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+
+
+def _interrupted() -> int:
+    import signal
+
+    from nst.engine.signals import stop_signal
+
+    signum = stop_signal() or signal.SIGINT
+    print(f"nst: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+    return 128 + signum
 
 
 if __name__ == "__main__":

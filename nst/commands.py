@@ -21,7 +21,7 @@ def export_command(settings) -> int:
 
 
 def targets_command(job: TargetsJob) -> int:
-    from nst.engine.imageio import check_writable
+    from nst.engine.fsutil import write_target
     from nst.engine.session import prepare
     from nst.export.targets_file import write_targets
 
@@ -30,7 +30,7 @@ def targets_command(job: TargetsJob) -> int:
     if not job.settings.extractor:
         raise NSTError("--extractor DIR is required: targets are computed with that export's TorchScript file, "
                        "which the host will run")
-    out = check_writable(Path(job.output), "-o")
+    out = write_target(job.output, "-o")
     content, styles, init = load_inputs(job)
     # The host runs the reference path: float32, NCHW, on the CPU.
     settings = dataclasses.replace(job.settings, reference=True, device="cpu", precision="fp32", memory_format="auto")

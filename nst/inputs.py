@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nst.engine.api import INIT_KEYWORDS, required_min_side
-from nst.engine.errors import NSTError
 from nst.engine.imageio import load_image
+from nst.engine.targets import check_style_weight, style_blend
 
 
 def parse_style_spec(spec: str) -> tuple[str, float]:
@@ -15,9 +15,7 @@ def parse_style_spec(spec: str) -> tuple[str, float]:
             weight = float(tail)
         except ValueError:
             return spec, 1.0
-        if not (weight >= 0 and weight != float("inf")):
-            raise NSTError(f"bad style weight in {spec!r}: must be a finite number >= 0")
-        return path, weight
+        return path, check_style_weight(weight, f"in {spec!r}")
     return spec, 1.0
 
 
@@ -25,13 +23,10 @@ def load_inputs(job):
     """(content, [(style, weight)], init) of a job: tensors (3, H, W) in [0, 1]; init is a
     keyword (content, noise, style) or the init image."""
     need = required_min_side(job.settings)
+    specs = [parse_style_spec(spec) for spec in job.style]
+    style_blend(w for _, w in specs)  # the API's check, before any image is read
     content = load_image(job.content, job.max_pixels, "content image", need)
-    styles = []
-    for spec in job.style:
-        path, weight = parse_style_spec(spec)
-        styles.append((load_image(path, job.max_pixels, "style image", need), weight))
-    if not sum(w for _, w in styles) > 0:
-        raise NSTError("style weights must not all be zero")
+    styles = [(load_image(path, job.max_pixels, "style image", need), weight) for path, weight in specs]
     init = job.settings.init
     if init not in INIT_KEYWORDS:
         init = load_image(init, job.max_pixels, "init image", need)

@@ -4,18 +4,22 @@ statistics), and say what happened. The render itself is nst.engine's."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from nst.engine.budget import budget_margin
 from nst.engine.errors import NonFiniteLossError, NSTError
-from nst.engine.fsutil import atomic_write_text
-from nst.engine.imageio import (GIF_LONG_EDGE, check_gif_path, check_output_path, check_writable, gif_frame,
+from nst.engine.fsutil import OutputError, atomic_write_text, write_target
+from nst.engine.imageio import (GIF_LONG_EDGE, check_gif_path, check_output_path, gif_frame,
                                 predict_save_s, save_gif, save_image)
 from nst.engine.loop import StepInfo, chain
 from nst.engine.multiscale import render
 from nst.engine.progress import ProgressBar
+from nst.engine.signals import deferred, stop_signal
 from nst.engine.sizes import fit_long_edge
 
 from .inputs import load_inputs
@@ -66,6 +70,39 @@ def show_plan(settings, finish_s: float):
     return show
 
 
+def save_final(image, out: Path) -> None:
+    """Write the render's image; held signals wait for it. If it cannot be written where
+    asked (a full disk...), it is written to the temporary directory and the error says where."""
+    with deferred():
+        try:
+            save_image(image, out)
+        except OutputError as e:
+            rescue = Path(tempfile.gettempdir()) / f"nst-rescued-{os.getpid()}{out.suffix}"
+            try:
+                save_image(image, rescue)
+            except NSTError:
+                raise NSTError(f"{e}; the image could not be written anywhere") from None
+            raise NSTError(f"{e}; the rendered image was written to {rescue} instead") from None
+
+
+def check_progress(result, settings, out: Path, recipe: str | None) -> None:
+    """A single-scale render whose loss never went below its first value has diverged (the
+    image written is the start image): say so, with the likely cause, and fail."""
+    st = result.stats
+    if st.scales or st.stopped is not None or st.steps_run < 2 or st.image_from_step > 0:
+        return
+    cause = f"the learning rate ({settings.learning_rate:g} in [0, 1] pixel units) is likely too high"
+    if recipe is not None:
+        from nst.engine import recipes
+
+        own = recipes.get(recipe).values.get("optimizer", "adam")
+        if own != settings.optimizer:
+            cause += (f"; --recipe {recipe} sets --lr for its own optimizer ({own}): with --optimizer "
+                      f"{settings.optimizer} pass an --lr for it")
+    raise NSTError(f"the loss never went below its first value ({st.loss[0]:.4g}) in {st.steps_run} steps, so the "
+                   f"image written to {out} is the start image; {cause}")
+
+
 def _report(result, settings, out: Path, t_start: float) -> int:
     st = result.stats
     if st.scales and settings.time_budget is not None:
@@ -78,20 +115,23 @@ def _report(result, settings, out: Path, t_start: float) -> int:
     print(f"wrote {out} ({w}x{h}, {st.steps_run} steps, loss {st.loss[0]:.4g} -> {st.final_loss:.4g}, "
           f"{st.steps_per_s:.2f} steps/s on {st.device} {st.precision} {st.path} path)")
     if st.stopped in ("time-limit", "interrupted"):
-        why = "the time limit was reached" if st.stopped == "time-limit" else "interrupted"
+        signum = stop_signal() or signal.SIGINT
+        why = "the time limit was reached" if st.stopped == "time-limit" else \
+            f"interrupted by {signal.Signals(signum).name}"
         print(f"nst: stopped early ({why}) after {st.steps_run} of {st.steps_planned} steps; "
               f"wrote the best image so far (after {st.image_from_step} steps)", file=sys.stderr)
-        return 130 if st.stopped == "interrupted" else 0
+        return 128 + signum if st.stopped == "interrupted" else 0
     return 0
 
 
-def stylize_command(job: StylizeJob, quiet: bool, t_start: float) -> int:
-    """Run ``nst stylize``; ``t_start`` is when a --time-budget's clock started."""
+def stylize_command(job: StylizeJob, quiet: bool, t_start: float, recipe: str | None = None) -> int:
+    """Run ``nst stylize``; ``t_start`` is when a --time-budget's clock started; ``recipe``
+    names the --recipe the settings came from, if any."""
     settings = job.settings
     # Everything that can be refused is refused before any work: output paths, inputs.
     out = check_output_path(job.output)
     if job.stats:
-        check_writable(Path(job.stats), "--stats")
+        write_target(job.stats, "--stats")
     if job.gif:
         check_gif_path(job.gif)
     content, styles, init = load_inputs(job)
@@ -109,15 +149,17 @@ def stylize_command(job: StylizeJob, quiet: bool, t_start: float) -> int:
                         on_plan=show_plan(settings, finish_s), finish_s=finish_s)
     except NonFiniteLossError as e:
         if e.result is not None:
-            save_image(e.result.image, out)
+            save_final(e.result.image, out)
             raise NSTError(f"{e}; wrote it to {out}") from None
         raise
     finally:
         if bar is not None:
             bar.close()
-    save_image(result.image, out)
+    save_final(result.image, out)
     if job.gif:
         print(keeper.write_gif(job.gif, result.image))
     if job.stats:
         atomic_write_text(job.stats, json.dumps(result.stats.to_dict(), indent=1) + "\n")
-    return _report(result, settings, out, t_start)
+    code = _report(result, settings, out, t_start)
+    check_progress(result, settings, out, recipe)
+    return code

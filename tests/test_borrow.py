@@ -4,6 +4,7 @@ activation checkpointing. And the float32 math mode is set only while the engine
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nst.engine import StylizeSettings, build_extractor, load_export, stylize
@@ -116,3 +117,26 @@ def test_float32_math_restores_on_error():
     except KeyError:
         pass
     assert torch.backends.cudnn.conv.fp32_precision == before
+
+
+@pytest.mark.cuda
+def test_cuda_float32_math_reaches_cudnn_convolutions():
+    """On the GPU: with "ieee" the extractor's cuDNN convolutions agree with float64 to
+    float32 rounding; with "tf32" they do not (TF32 keeps 10 mantissa bits). So the
+    setting the engine uses is the one that governs cuDNN on this torch."""
+    import copy
+
+    net = build_extractor(W)
+    x = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = copy.deepcopy(net).double()(x.double())
+        gpu = net.placed("cuda", channels_last=False)
+
+        def rel(mode):
+            with float32_math(mode):
+                out = gpu(x.cuda())
+            return max(((o.double().cpu() - r).abs().max() / r.abs().max()).item() for o, r in zip(out, ref))
+
+        ieee, tf32 = rel("ieee"), rel("tf32")
+    assert ieee < 2e-5, ieee
+    assert tf32 > 10 * ieee, (tf32, ieee)

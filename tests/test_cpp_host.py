@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -129,11 +130,18 @@ def test_cpp_errors(host, job, tmp_path):
     assert main(["-q", "export", "--weights", "random:5", "--out", str(other), "--formats", "torchscript",
                  "--trace-size", "64x64", "--check-size", "48x80"]) == 0
     assert "made for another extractor" in error(other, job / "targets.pt", out)
+    # An edited manifest (two taps swapped; the TorchScript file's hash still matches).
+    edited = tmp_path / "edited"
+    shutil.copytree(job / "exp", edited)
+    m = json.loads((edited / "manifest.json").read_text())
+    m["taps"][3], m["taps"][4] = m["taps"][4], m["taps"][3]
+    (edited / "manifest.json").write_text(json.dumps(m))
+    assert "does not match" in error(edited, job / "targets.pt", out) and "the manifest was edited" in \
+        error(edited, job / "targets.pt", out)
     # Targets naming a layer the export does not output (a hand-made file with the right hash).
     narrow = tmp_path / "narrow"
     assert main(["-q", "export", "--weights", W, "--out", str(narrow), "--formats", "torchscript", "--taps",
                  "relu1_1", "--trace-size", "64x64", "--check-size", "48x80"]) == 0
-    import json
     import warnings
 
     from nst.export.targets_file import EXTRA_NAME, _Holder

@@ -131,7 +131,7 @@ def test_export_refuses_a_program_that_refuses_sizes(tmp_path, weight_files, mon
     is refused with a clear message, and nothing is written."""
     import nst.export.to_program as program_mod
 
-    def static_write(module, example, path, min_side):
+    def static_write(module, example, path, min_side, describe):
         torch.export.save(torch.export.export(module, (example,)), str(path))
 
     monkeypatch.setattr(program_mod, "write", static_write)
@@ -267,3 +267,38 @@ def test_settings_errors(tmp_path):
     f.write_text("x")
     with pytest.raises(ExportError, match="not a directory"):
         export_extractor(ExportSettings(out=f, weights="random"))
+
+
+def test_every_artefact_carries_its_description(export_dir):
+    """The tap list and the settings that change results travel inside each file."""
+    import onnx
+
+    m = json.loads((export_dir / MANIFEST_NAME).read_text())
+    files = {"nst.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.load(str(export_dir / TORCHSCRIPT_NAME), _extra_files=files)
+    inside = [json.loads(files["nst.json"])]
+    meta = {p.key: p.value for p in onnx.load(str(export_dir / ONNX_NAME)).metadata_props}
+    inside.append(json.loads(meta["nst.json"]))
+    extra = {"nst.json": ""}
+    torch.export.load(str(export_dir / PROGRAM_NAME), extra_files=extra)
+    inside.append(json.loads(extra["nst.json"]))
+    for d in inside:
+        assert d["taps"] == m["taps"] and d["pool"] == m["pool"] and d["network"] == m["network"]
+        assert d["min_side"] == m["input"]["min_side"] and d["tap_channels"] == m["tap_channels"]
+
+
+def test_an_edited_manifest_is_refused(export_dir, tmp_path):
+    """Swapping two taps in manifest.json (the hash beside the file still matches) would make
+    the content loss read the wrong layer: the loader refuses it."""
+    import shutil
+
+    d = tmp_path / "edited"
+    shutil.copytree(export_dir, d)
+    m = json.loads((d / MANIFEST_NAME).read_text())
+    i, j = m["taps"].index("relu4_1"), m["taps"].index("relu4_2")
+    m["taps"][i], m["taps"][j] = m["taps"][j], m["taps"][i]
+    (d / MANIFEST_NAME).write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match=r"does not match extractor.ts: taps is .*\(the manifest was edited\)"):
+        load_export(d)

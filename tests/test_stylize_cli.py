@@ -95,7 +95,7 @@ def test_interrupt_writes_best_image_and_says_so(images, monkeypatch, capsys):
     monkeypatch.setattr(opt.AdamStep, "step", step)
     code = main(_args(images, "--steps", "50"))
     assert code == 130
-    assert "stopped early (interrupted) after 2 of 50 steps" in capsys.readouterr().err
+    assert "stopped early (interrupted by SIGINT) after 2 of 50 steps" in capsys.readouterr().err
     assert (images / "out.png").exists()
 
 

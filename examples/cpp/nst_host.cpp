@@ -166,6 +166,24 @@ void read_targets(const std::string& path, Setup& s) {
     throw UserError(path + ": the image is smaller than the extractor's minimum side " + std::to_string(s.min_side));
 }
 
+// The TorchScript file carries its own description (nst.json): an edited manifest (taps
+// swapped, say) would make the losses read the wrong layers, so it must agree.
+void check_embedded(const std::string& text, const Setup& s) {
+  if (text.empty()) throw UserError(s.ts_file + " carries no description of itself (nst.json): re-export it");
+  std::vector<std::string> inside;
+  int64_t min_side = 0;
+  try {
+    auto j = mini_json::parse(text);
+    for (auto& t : j.at("taps").array()) inside.push_back(t.string());
+    min_side = static_cast<int64_t>(j.at("min_side").number());
+  } catch (const std::exception& e) {
+    throw UserError(s.ts_file + ": its embedded description is unreadable (" + first_line(e.what()) + "); re-export it");
+  }
+  if (inside != s.taps || min_side != s.min_side)
+    throw UserError("manifest.json does not match " + s.ts_file + ": its taps or min_side differ from the file's "
+                    "(the manifest was edited); re-export");
+}
+
 torch::Tensor gram(const torch::Tensor& f) {  // f: (1, C, H, W) -> (C, C)
   auto c = f.size(1), m = f.size(2) * f.size(3);
   auto fm = f.reshape({c, m});
@@ -221,11 +239,13 @@ int run(int argc, char** argv) {
     std::ifstream probe(s.ts_file);
     if (!probe) throw UserError("TorchScript file not found: " + s.ts_file);
   }
+  torch::jit::ExtraFilesMap ts_extra{{"nst.json", ""}};
   try {
-    net = torch::jit::load(s.ts_file, s.device);
+    net = torch::jit::load(s.ts_file, s.device, ts_extra);
   } catch (const std::exception& e) {
     throw UserError("cannot load TorchScript file " + s.ts_file + ": " + first_line(e.what()));
   }
+  check_embedded(ts_extra["nst.json"], s);
   net.eval();
   read_targets(targets, s);
   double lr = lr_override > 0 ? lr_override : s.lr;
