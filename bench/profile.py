@@ -3,6 +3,10 @@ with the achieved FLOP/s of the convolutions and the Gram matmuls."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 from nst.engine.device import sync
 from nst.engine.session import prepare
 from nst.engine.settings import StylizeSettings
@@ -31,6 +35,21 @@ def kernel_group(name: str) -> str:
     return "other"
 
 
+@contextlib.contextmanager
+def _silent_stderr():
+    """The profiler's C++ library (kineto) writes start/stop notes and, on a machine without
+    a GPU, an alarming "gpuGetDeviceCount failed" straight to file descriptor 2: hold them back."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def profile_engine(size: int, device, eager_net, cfg) -> dict:
     """Profile ``cfg.steps`` (2 to 5) steps of the engine's defaults at ``size`` px."""
     from torch.profiler import ProfilerActivity, profile
@@ -44,7 +63,7 @@ def profile_engine(size: int, device, eager_net, cfg) -> dict:
     use_cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_cuda else [])
     n = max(2, min(cfg.steps, 5))
-    with profile(activities=acts) as prof:
+    with _silent_stderr(), profile(activities=acts) as prof:
         for _ in range(n):
             step()
         sync(device)

@@ -13,42 +13,20 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
 from nst.engine.device import resolve_device
-from nst.engine.errors import NSTError
 from nst.engine.features import build_extractor
 from nst.engine.fsutil import atomic_write_text
 from nst.engine.multiscale import render
-from nst.engine.settings import StylizeSettings, option
+from nst.engine.settings import StylizeSettings
 
 from .inputs import content_and_style
 from .report import results_dir
+from .settings import QualitySettings
 
 log = logging.getLogger("nst")
-
-
-@dataclass(frozen=True)
-class QualitySettings:
-    size: int = option(0, help="final long edge in px (default: 512 on CPU, 2048 on GPU)")
-    budget: float = option(0.0, help="seconds per render (default: 60 on CPU, 30 on GPU)")
-    scales: str = option("auto", help="scales of the multi-scale render: auto, or long edges like 256,512")
-    scale_factor: float = option(2.0, help="growth between the automatic scales of the multi-scale render")
-    match_factor: float = option(3.0, help="how many budgets the single-scale matching run may take")
-    device: str = option("auto", help="auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    weights: str = option("random:0", help="weights spec", metavar="SPEC")
-    content: str | None = option(None, help="content image (default: the demo's drawing)", metavar="FILE")
-    style: str | None = option(None, help="style image (default: the demo's drawing)", metavar="FILE")
-    out: str | None = option(None, help="directory for the JSON and markdown (default: bench/results, or a temporary directory with "
-                             "--quick, which never overwrites the committed results)", metavar="DIR")
-    name: str | None = option(None, help="file stem (default: quality-<device>)")
-    quick: bool = option(False, help="tiny size and budget: proves the script works, measures nothing")
-
-    def __post_init__(self) -> None:
-        if self.budget < 0 or self.size < 0:
-            raise NSTError("--budget and --size must be positive")
 
 
 def run_quality(cfg: QualitySettings) -> dict:

@@ -23,7 +23,6 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,12 +34,13 @@ from nst.engine.errors import InputError, NSTError
 from nst.engine.fsutil import atomic_write_text
 from nst.engine.imageio import pil_to_tensor, resize_to
 from nst.engine.session import prepare
-from nst.engine.settings import option
+from nst.engine.sizes import wxh
 from nst.engine.weights import resolve_weights
 
 from .originals import ORIGINALS
 from .probes import environment, slug
 from .report import pyplot, results_dir
+from .settings import RecipeBenchSettings
 
 log = logging.getLogger("nst")
 
@@ -55,21 +55,6 @@ WHAT = {
     "vgg16": "stops at the deepest tap; StepLR; clamps (a fair loop)",
     "lbfgs-normalised": "loss modules in an nn.Sequential, trimmed after conv3_1; L-BFGS 20 per call",
 }
-
-
-@dataclass(frozen=True)
-class RecipeBenchSettings:
-    recipes: tuple[str, ...] = option((), help="recipes to run (default: all)", metavar="NAME")
-    adam_steps: int = option(0, help="timed steps per repeat for Adam recipes (default: 3 on CPU, 20 on GPU); "
-                             "L-BFGS recipes time one original call, 20 evaluations")
-    repeats: int = option(0, help="timed repeats, round-robin (default: 4 on CPU, where one slow moment of a "
-                          "shared machine must not decide a median, 5 on GPU)")
-    device: str = option("auto", help="auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    weights: str = option("random:0", help="weights spec (speed does not depend on the values)", metavar="SPEC")
-    out: str | None = option(None, help="directory for the JSON, markdown and plot (default: bench/results, or a temporary directory with "
-                             "--quick, which never overwrites the committed results)", metavar="DIR")
-    name: str | None = option(None, help="file stem (default: recipes-<device>)")
-    quick: bool = option(False, help="64 px and one step: proves the script and the parity checks, measures nothing")
 
 
 def _inputs(s, quick: bool):
@@ -169,14 +154,14 @@ def markdown(results: dict) -> str:
         + f". Weights `{results['settings']['weights']}` (speed does not depend on the values).",
         "A step is one loss + gradient evaluation and one update. Median of the repeats, timed round-robin.",
         "Parity: first loss of the engine against the original (non-in-place ReLUs), same start image.", "",
-        "| recipe | size (HxW) | optimizer | original steps/s | engine steps/s | speed-up | parity (rel. err.) "
+        "| recipe | size (WxH) | optimizer | original steps/s | engine steps/s | speed-up | parity (rel. err.) "
         "| the original per step |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results["rows"]:
         par = r["parity"]
         lines.append(
-            f"| {r['recipe']} | {r['size'][0]}x{r['size'][1]} | {r['optimizer']} | {r['original_steps_per_s']:.3f} | "
+            f"| {r['recipe']} | {wxh(r['size'])} | {r['optimizer']} | {r['original_steps_per_s']:.3f} | "
             f"{r['engine_steps_per_s']:.3f} | {r['speedup']:.2f}x | {par['rel_err']:.1e} "
             f"{'ok' if par['passed'] else 'FAILED'} | {r['original_recomputes']} |")
     lines += ["", "Engine path: " + "; ".join(f"{r['recipe']} {r['engine_path']}" for r in results["rows"]), ""]
@@ -190,7 +175,7 @@ def plot(results: dict, path: Path) -> Path | None:
         return None
     rows = results["rows"]
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2))
-    names = [f"{r['recipe']} ({r['size'][0]}x{r['size'][1]}, {r['optimizer']})" for r in rows]
+    names = [f"{r['recipe']} ({wxh(r['size'])}, {r['optimizer']})" for r in rows]
     ax.barh(names, [r["speedup"] for r in rows], color="tab:blue")
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_xlim(0, 1.18 * max(r["speedup"] for r in rows))  # room for the labels

@@ -82,8 +82,8 @@ def _make_step(row: Row, size: int, device, eager_net, weights, ts_dir, cfg):
                             base.learning_rate, base.content_weight, base.style_weight, base.tv_weight,
                             naive=(row.key == "naive"))
         return loop.step, None
-    settings = StylizeSettings(size=size, device=device.type, weights=cfg.weights,
-                               extractor=str(ts_dir) if row.torchscript else None, **(row.settings or {}))
+    network = {"extractor": str(ts_dir)} if row.torchscript else {"weights": cfg.weights}
+    settings = StylizeSettings(size=size, device=device.type, **network, **(row.settings or {}))
     stepper = prepare(content, [(style, 1.0)], settings, extractor=None if row.torchscript else eager_net).stepper
     return stepper.step, stepper
 

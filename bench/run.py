@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,8 +20,6 @@ from nst.engine.device import float32_math, resolve_device
 from nst.engine.errors import NSTError
 from nst.engine.features import VGGFeatures
 from nst.engine.fsutil import atomic_write_text
-from nst.engine.settings import option
-from nst.engine.steppers import GRAPH_WARMUP_STEPS
 from nst.engine.weights import resolve_weights
 
 from . import flops as flops_mod
@@ -32,51 +29,12 @@ from .probes import environment, slug
 from .profile import profile_engine
 from .report import results_dir
 from .rows import derive, run_size
+from .settings import BenchSettings
 from .timing import matmul_peak, time_steps
 
 log = logging.getLogger("nst")
 
-CPU_SIZES = (128, 256)
-GPU_SIZES = (256, 512, 1024, 2048, 4096)
 _DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    sizes: tuple[int, ...] = option((), help="square sizes in px (default: 128 256 on CPU; 256 512 1024 2048 4096 on "
-                                    "GPU)", parse=int, metavar="PX")
-    steps: int = option(0, help="steps per timed repeat (default: 4 on CPU, 20 on GPU)")
-    repeats: int = option(5, help="timed repeats; the median is reported")
-    warmup: int = option(0, help=f"untimed steps first (default: 2 on CPU, {GRAPH_WARMUP_STEPS + 3} on GPU, "
-                         "which covers the CUDA graph capture)")
-    device: str = option("auto", help="auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    weights: str = option("random:0", help="weights spec; speed does not depend on the values, and the "
-                          "default needs no download", metavar="SPEC")
-    out: str | None = option(None, help="directory for the JSON, markdown and plot (default: bench/results, or a temporary directory with "
-                             "--quick, which never overwrites the committed results)", metavar="DIR")
-    name: str | None = option(None, help="file stem for the results (default: from the device name)")
-    interleave: bool | None = option(None, help="time the rows round-robin (default: on the CPU, where a shared "
-                                     "machine's slow moments should hit every row alike; not on GPUs)")
-    onnx: bool = option(True, help="also time target computation with ONNX Runtime against eager PyTorch")
-    profile: bool = option(True, help="profile the engine's default step at the largest size and record where "
-                           "the time goes (kernel groups, their share and achieved FLOP/s)")
-    quick: bool = option(False, help="tiny size and few steps: proves the script works end to end, measures nothing")
-
-    def __post_init__(self) -> None:
-        if self.repeats < 1 or self.steps < 0 or self.warmup < 0:
-            raise NSTError("--repeats must be at least 1, --steps and --warmup at least 0")
-
-    def resolved(self, gpu: bool) -> "BenchSettings":
-        """The defaults that depend on the device (and --quick) filled in."""
-        cfg = self
-        if cfg.quick:
-            cfg = dataclasses.replace(cfg, sizes=cfg.sizes or (64,), steps=cfg.steps or 2,
-                                      repeats=min(cfg.repeats, 2),
-                                      warmup=cfg.warmup or (GRAPH_WARMUP_STEPS + 1 if gpu else 1))
-        return dataclasses.replace(
-            cfg, sizes=tuple(cfg.sizes) or (GPU_SIZES if gpu else CPU_SIZES), steps=cfg.steps or (20 if gpu else 4),
-            warmup=cfg.warmup or (GRAPH_WARMUP_STEPS + 3 if gpu else 2),
-            interleave=(not gpu) if cfg.interleave is None else cfg.interleave)
 
 
 def onnx_targets(size: int, device, eager_net, onnx_path, cfg) -> dict:
@@ -123,7 +81,7 @@ def _export_for_rows(cfg: BenchSettings, eager_net, tmp: Path) -> tuple[Path | N
     formats = ("torchscript", "onnx") if cfg.onnx else ("torchscript",)
     try:
         export_extractor(ExportSettings(out=out, weights=cfg.weights, formats=formats, trace_size="64x64",
-                                        check_size="48x80"), module=eager_net)
+                                        check_size="80x48"), module=eager_net)
     except NSTError as e:
         log.warning("export for the TorchScript/ONNX rows failed: %s", e)
         return None, None

@@ -13,7 +13,7 @@ The names are loaded on first use (PEP 562), so ``import nst.engine.errors`` or
 
 from __future__ import annotations
 
-import importlib
+from .lazy import lazy_names
 
 _WHERE = {
     "ExportError": "errors", "InputError": "errors", "ManifestError": "errors", "NonFiniteLossError": "errors",
@@ -31,17 +31,4 @@ _WHERE = {
 }
 
 __all__ = [*_WHERE, "recipes"]
-
-
-def __getattr__(name: str):
-    if name == "recipes":
-        return importlib.import_module(".recipes", __name__)
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _WHERE, also=("recipes",))

@@ -23,6 +23,7 @@ from .errors import InputError
 from .plan import resolve_plan
 from .session import prepare
 from .settings import StylizeSettings
+from .sizes import wxh
 
 FINAL_SHARE = 0.5  # of the optimisation time, for the final scale (when there are several)
 
@@ -60,7 +61,7 @@ class ScalePlan:
 
     @property
     def wxh(self) -> str:
-        return f"{self.hw[1]}x{self.hw[0]}"
+        return wxh(self.hw)
 
     @property
     def step_s(self) -> float:

@@ -134,7 +134,7 @@ class VGGFeatures(nn.Module):
         h, w = x.shape[-2:]
         if min(h, w) < self.min_side:
             raise InputError(
-                f"image of {h}x{w} px is too small for tap {self.cut_after}: height and width "
+                f"image of {w}x{h} px is too small for tap {self.cut_after}: height and width "
                 f"must be at least {self.min_side} px"
             )
 

@@ -19,13 +19,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 from .fsutil import atomic_path, write_target
-from .sizes import fit_long_edge
+from .sizes import MAX_PIXELS, fit_long_edge
 
 log = logging.getLogger("nst")
 
-# Refuse images over this many pixels before decoding them (decompression bombs): a
-# 16384 x 16384 image is far beyond what the optimisation can use.
-MAX_PIXELS = 16384 * 16384
 # Output formats by extension; anything else is refused before any work.
 SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
 
@@ -51,6 +48,8 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, what: str 
     path = Path(path)
     label = f"{what} {path}"
     if not path.exists():
+        if path.is_symlink():
+            raise InputError(f"{label}: a symlink that leads nowhere (broken, or a loop)")
         raise InputError(f"{label}: file not found")
     if path.is_dir():
         raise InputError(f"{label}: is a directory, not an image file")
@@ -63,8 +62,8 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, what: str 
             w, h = img.size
             if w * h > max_pixels:
                 raise InputError(
-                    f"{label}: {w}x{h} is {w * h / 1e6:.0f} megapixels, over the limit of "
-                    f"{max_pixels / 1e6:.0f} (a decompression bomb?)"
+                    f"{label}: {w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,} (--max-pixels; a "
+                    "decompression bomb?)"
                 )
             n_frames = getattr(img, "n_frames", 1)
             if n_frames > 1:

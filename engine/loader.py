@@ -121,7 +121,9 @@ def load_export(
     if network is not None and manifest["network"] != network:
         raise ManifestError(f"{directory} holds {manifest['network']}, but {network} was asked for")
     if pool is not None and manifest["pool"] != pool:
-        raise ManifestError(f"{directory} was exported with {manifest['pool']} pooling, but {pool} was asked for")
+        raise ManifestError(f"{directory} was exported with {manifest['pool']} pooling, but the settings ask for "
+                            f"{pool} (--pool, or a --recipe's); export with --pool {pool}, or pass --pool "
+                            f"{manifest['pool']}")
     wanted = tuple(manifest["taps"]) if taps is None else parse_taps(taps, manifest["network"])
     missing = [t for t in wanted if t not in manifest["taps"]]
     if missing:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from .errors import InputError
 from .layers import layer_by_name, layers_upto
+from .sizes import wxh
 
 GiB = 1024**3
 
@@ -40,7 +41,7 @@ class MemoryPlan:
     def describe(self) -> str:
         avail = "unknown" if self.available_bytes is None else f"{self.available_bytes / GiB:.2f} GiB"
         mode = "activation checkpointing" if self.checkpoint else "plain"
-        return (f"memory plan for {self.size[0]}x{self.size[1]}: estimated peak {self.estimate_bytes / GiB:.2f} GiB "
+        return (f"memory plan for {wxh(self.size)}: estimated peak {self.estimate_bytes / GiB:.2f} GiB "
                 f"plain, {self.checkpointed_bytes / GiB:.2f} GiB checkpointed; available {avail}; using {mode}")
 
 
@@ -141,9 +142,9 @@ def plan_memory(h: int, w: int, taps, network: str, act_bytes: int, pool: str, d
     if budget is not None and need > budget:
         fits = largest_fitting(h, w, taps, network, act_bytes, pool, budget, checkpoint or (mode == "auto" and can_checkpoint))
         how = " even with activation checkpointing" if checkpoint else ""
-        hint = f"; the largest that fits is about {fits[0]}x{fits[1]} (--size {max(fits)})" if fits else ""
+        hint = f"; the largest that fits is about {wxh(fits)} (--size {max(fits)})" if fits else ""
         raise InputError(
-            f"{h}x{w} needs about {need / GiB:.2f} GiB per step{how}, more than the {budget / GiB:.2f} GiB "
+            f"{wxh((h, w))} needs about {need / GiB:.2f} GiB per step{how}, more than the {budget / GiB:.2f} GiB "
             f"available on {device}{hint}"
         )
     for sh, sw in style_hws:
@@ -151,7 +152,7 @@ def plan_memory(h: int, w: int, taps, network: str, act_bytes: int, pool: str, d
             continue  # no larger than a step's own forward pass, which the plan above covers
         need = forward_bytes(sh, sw, taps, network) + 3 * h * w * 4 * 2
         if budget is not None and need > budget:
-            raise InputError(f"a style image at {sh}x{sw} needs about {need / GiB:.2f} GiB for its features, more "
+            raise InputError(f"a style image at {wxh((sh, sw))} needs about {need / GiB:.2f} GiB for its features, more "
                              f"than the {budget / GiB:.2f} GiB available on {device}: lower --style-scale")
     return MemoryPlan((h, w), plain, ckpt, avail, checkpoint, device)
 

@@ -24,7 +24,7 @@ from .memory import MemoryPlan, plan_memory
 from .objective import Objective
 from .plan import Plan, resolve_plan
 from .settings import StylizeSettings
-from .sizes import fit_long_edge
+from .sizes import fit_long_edge, wxh
 from .steppers import Stepper, make_stepper
 from .targets import Targets, compute_targets
 
@@ -96,7 +96,7 @@ def _sizes(content, styles, settings: StylizeSettings, min_side: int) -> tuple:
     out_hw = settings.output_hw(tuple(content.shape[-2:]))
     if min(out_hw) < min_side:
         raise InputError(
-            f"output size {out_hw[0]}x{out_hw[1]} is too small for the network: each side needs at least "
+            f"output size {wxh(out_hw)} is too small for the network: each side needs at least "
             f"{min_side} px (raise --size or --resize)"
         )
     style_long = max(1, round(settings.style_scale * max(out_hw)))
@@ -104,7 +104,7 @@ def _sizes(content, styles, settings: StylizeSettings, min_side: int) -> tuple:
     for hw in style_hws:
         if min(hw) < min_side:
             raise InputError(
-                f"a style image scaled to {hw[0]}x{hw[1]} is too small for the network (at least {min_side} px per "
+                f"a style image scaled to {wxh(hw)} is too small for the network (at least {min_side} px per "
                 "side): raise --style-scale or --size"
             )
     return out_hw, style_hws

@@ -169,6 +169,9 @@ class StylizeSettings:
             raise InputError("--lr-units imagenet is for Adam: L-BFGS's steps do not depend on the pixel units")
         if self.reference and self.precision not in ("auto", "fp32"):
             raise InputError(f"--reference runs float32; it cannot be combined with --precision {self.precision}")
+        if self.extractor is not None and self.weights != "imagenet":
+            raise InputError("--extractor and --weights both choose the network (an export carries its own weights): "
+                             "give one of them")
         if self.reference and self.memory_format == "channels_last":
             raise InputError("--reference runs NCHW; it cannot be combined with --memory-format channels_last")
 

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 from .errors import InputError
 
+# Refuse images over this many pixels before decoding them (decompression bombs): a
+# 16384 x 16384 image is far beyond what the optimisation can use.
+MAX_PIXELS = 16384 * 16384
+
 
 def fit_long_edge(hw: tuple[int, int], long_edge: int) -> tuple[int, int]:
     """(H, W) scaled so that max(H, W) == long_edge, aspect ratio kept (rounded)."""
     h, w = hw
     scale = long_edge / max(h, w)
     return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def wxh(hw: tuple[int, int]) -> str:
+    """(H, W) as a user reads it: 'WIDTHxHEIGHT'."""
+    return f"{hw[1]}x{hw[0]}"
 
 
 def parse_wxh(text: str, flag: str) -> tuple[int, int]:

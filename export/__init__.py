@@ -1,6 +1,14 @@
-"""The export step: a VGG extractor -> TorchScript, ONNX and ExportedProgram, with a manifest."""
+"""nst.export: a VGG extractor -> TorchScript, ONNX and ExportedProgram, with a manifest.
 
-from .pipeline import ExportResult, export_extractor, summary
-from .settings import FORMATS, ExportSettings
+The names are loaded on first use (PEP 562): ``nst.export.settings`` alone imports no torch.
+"""
 
-__all__ = ["ExportSettings", "ExportResult", "export_extractor", "summary", "FORMATS"]
+from __future__ import annotations
+
+from nst.engine.lazy import lazy_names
+
+_WHERE = {"ExportResult": "pipeline", "export_extractor": "pipeline", "summary": "pipeline",
+          "ExportSettings": "settings", "FORMATS": "settings"}
+
+__all__ = list(_WHERE)
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)

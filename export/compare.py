@@ -45,7 +45,7 @@ def forward_errors(run, eager, xs) -> dict:
                 got = run(x)
             except Exception as exc:  # an artefact that refuses a size the manifest promises
                 line = (str(exc).strip().splitlines() or [""])[0][:200]
-                raise SizeRefused(f"it does not run on a {x.shape[-2]}x{x.shape[-1]} input "
+                raise SizeRefused(f"it does not run on a {x.shape[-1]}x{x.shape[-2]} input (WxH) "
                                   f"({type(exc).__name__}: {line})") from exc
             e = max_errors(got, eager(x))
         if worst is None or not e["max_rel_err"] <= worst["max_rel_err"]:

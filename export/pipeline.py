@@ -31,6 +31,7 @@ from . import manifest as manifest_mod
 from . import to_onnx, to_program, to_torchscript
 from .compare import TOLERANCE, SizeRefused, check_sizes
 from .settings import ExportSettings, parse_size
+from nst.engine.sizes import wxh
 
 log = logging.getLogger("nst")
 
@@ -62,7 +63,7 @@ def export_extractor(settings: ExportSettings, module: VGGFeatures | None = None
     check_hw = parse_size(settings.check_size)
     for what, (h, w) in (("--trace-size", trace_hw), ("--check-size", check_hw)):
         if min(h, w) < module.min_side:
-            raise ExportError(f"{what} {h}x{w} is too small for tap {module.cut_after}: use at least {module.min_side} px")
+            raise ExportError(f"{what} {wxh((h, w))} is too small for tap {module.cut_after}: use at least {module.min_side} px")
 
     _check_space(out, module, settings.formats)
     # Named after this process, so that a later export can tell a dead one's leftovers.
@@ -156,7 +157,7 @@ def _write_and_check(settings, module, staging, trace_hw, check_hw):
             continue
         path = staging / FILES[fmt]
         write_s = _write(fmt, settings, module, example, path)
-        log.info("%s: checking against eager at %s", fmt, ", ".join(f"{h}x{w}" for h, w in sizes))
+        log.info("%s: checking against eager at %s", fmt, ", ".join(wxh(hw) for hw in sizes))
         entry = {"file": FILES[fmt], **_check(fmt, settings, module, path, xs, seed)}
         errs = entry.pop("errors")
         passed = all(v["max_rel_err"] <= check["tolerance"] for v in errs.values())
@@ -262,8 +263,8 @@ def summary(result: ExportResult, out: Path) -> str:
     lines.append(f"  weights   {w['source']}" + (f"  ** {w['note']} **" if w.get("random") else ""))
     lines.append(f"            tensors sha256 {w['tensors_sha256'][:16]}...")
     sc = m["self_check"]
-    lines.append(f"  self-check at {sc['size'][0]}x{sc['size'][1]} (traced at {m['trace']['size'][0]}x"
-                 f"{m['trace']['size'][1]}), {sc['metric']}, tolerance {sc['tolerance']:.0e}:")
+    lines.append(f"  self-check at {', '.join(wxh(hw) for hw in sc['sizes'])} (WxH; traced at {wxh(m['trace']['size'])}), "
+                 f"{sc['metric']}, tolerance {sc['tolerance']:.0e}:")
     for fmt, a in m["artefacts"].items():
         if not a.get("written"):
             lines.append(f"    {fmt:<12} not written: {a['reason']}")

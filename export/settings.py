@@ -16,11 +16,11 @@ MIN_OPSET = 18
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """'96x160' -> (96, 160): height x width."""
+    """'160x96' -> (96, 160): WIDTHxHEIGHT on the command line, (H, W) inside."""
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
     if not m:
-        raise ExportError(f"bad size {text!r}: write HEIGHTxWIDTH, for example 96x160")
-    return int(m.group(1)), int(m.group(2))
+        raise ExportError(f"bad size {text!r}: write WIDTHxHEIGHT, for example 160x96")
+    return int(m.group(2)), int(m.group(1))
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,10 @@ class ExportSettings:
     channels_last: bool = option(False, help="store weights channels-last and convert inputs inside the module")
     formats: tuple[str, ...] = option(FORMATS, help="artefacts to write", metavar="FORMAT")
     opset: int = option(MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
-    trace_size: str = option("224x224", help="HEIGHTxWIDTH of the example input used to trace", metavar="HxW")
+    trace_size: str = option("224x224", help="WIDTHxHEIGHT of the example input used to trace", metavar="WxH")
     check_size: str = option(
-        "96x160", help="HEIGHTxWIDTH of the fresh random input of the self-check (must differ from --trace-size)",
-        metavar="HxW",
+        "160x96", help="WIDTHxHEIGHT of the fresh random input of the self-check (must differ from --trace-size)",
+        metavar="WxH",
     )
 
     def __post_init__(self) -> None:

@@ -60,6 +60,29 @@ def _recipe_defaults(argv: list[str]) -> dict:
     return recipes.values(name, given)
 
 
+def version_text() -> str:
+    """nst's version, torch's (with CUDA and cuDNN where built in), and the device `auto`
+    picks here."""
+    import torch
+
+    lines = [f"nst {__version__}", f"torch {torch.__version__}"]
+    if torch.version.cuda:
+        lines[-1] += f" (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})"
+    if torch.cuda.is_available():
+        lines.append(f"device: cuda ({torch.cuda.get_device_name()})")
+    else:
+        lines.append("device: cpu (no CUDA GPU visible)")
+    return "\n".join(lines)
+
+
+class _Version(argparse.Action):
+    """--version, computed when asked for (it imports torch; --help does not)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -71,14 +94,12 @@ class Command:
 
 
 def _commands() -> list[Command]:
-    from nst.bench.quality import QualitySettings
-    from nst.bench.recipes import RecipeBenchSettings
-    from nst.bench.run import BenchSettings
-    from nst.export import ExportSettings
+    # Settings classes only: plain dataclasses, no torch, so that --help is quick.
+    from nst.bench.settings import BenchSettings, QualitySettings, RecipeBenchSettings
+    from nst.export.settings import ExportSettings
 
     from . import commands
     from .jobs import DemoSettings, StylizeJob, TargetsJob
-    from .stylize_command import stylize_command
 
     return [
         Command("export", ExportSettings, lambda s, a, t: commands.export_command(s),
@@ -86,7 +107,7 @@ def _commands() -> list[Command]:
                 "Write the VGG extractor (cut after its deepest tap) as TorchScript (.ts), ONNX (.onnx) and "
                 "ExportedProgram (.pt2), check each against the eager module at a size other than the traced one, "
                 "then write manifest.json. A failed check exits non-zero and writes no manifest."),
-        Command("stylize", StylizeJob, lambda s, a, t: stylize_command(s, a.quiet, t, a.recipe),
+        Command("stylize", StylizeJob, lambda s, a, t: commands.stylize(s, a.quiet, t, a.recipe),
                 "render CONTENT in the style of one or more --style images",
                 "Optimise the pixels of an image so that its VGG features match CONTENT and the Gram matrices of the "
                 "--style images. Defaults: 512 px, 500 Adam steps, content at relu4_2, style at relu1_1..relu5_1.",
@@ -125,7 +146,8 @@ def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="nst", description="Gatys-style neural style transfer engine: export the VGG extractor, stylise images.")
-    parser.add_argument("--version", action="version", version=f"nst {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="the versions of nst and torch, and the device nst would use")
     parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -161,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
         stop_on_signals()
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--version"]:  # answered before the parser imports torch
-        print(f"nst {__version__}")
+    if argv[:1] == ["--version"]:
+        print(version_text())
         return 0
     try:
         args = build_parser(argv).parse_args(argv)

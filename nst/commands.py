@@ -12,6 +12,12 @@ from nst.engine.errors import NSTError
 from .jobs import DemoSettings, TargetsJob
 
 
+def stylize(job, quiet: bool, t_start: float, recipe: str | None) -> int:
+    from .stylize_command import stylize_command
+
+    return stylize_command(job, quiet, t_start, recipe)
+
+
 def export_command(settings) -> int:
     from nst.export import export_extractor, summary
 

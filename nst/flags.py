@@ -3,8 +3,9 @@
 Each field's ``metadata`` (see :func:`nst.engine.settings.option`) may hold ``help``,
 ``choices``, ``flag``, ``positional``, ``nargs``, ``parse``, ``aliases``, ``action``
 (``"append"``), ``required``, ``metavar``, ``cli`` (False: not an option), ``nested``
-(a settings object whose own fields become options, flat) and ``omit`` (a metadata key,
-such as ``"loop_only"``, whose fields a nested settings object does not offer here).
+(a settings object whose own fields become options, flat), ``omit`` (a metadata key,
+such as ``"loop_only"``, whose fields a nested settings object does not offer here) and
+``require`` (names of a nested object's fields that are required here).
 """
 
 from __future__ import annotations
@@ -32,20 +33,20 @@ def _default(f: dataclasses.Field) -> tuple[bool, Any]:
     return False, None
 
 
-def _fields(cls: type, omit: str | None = None):
-    """(field, base type, nested omit key) of ``cls``, nested settings expanded in place."""
+def _fields(cls: type, omit: str | None = None, require=()):
+    """(field, base type, required here) of ``cls``, nested settings expanded in place."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
         if meta.get("cli", True) is False or (omit and meta.get(omit)):
             continue
         if meta.get("nested"):
-            yield from _fields(_base_type(hints[f.name]), meta.get("omit"))
+            yield from _fields(_base_type(hints[f.name]), meta.get("omit"), meta.get("require", ()))
         else:
-            yield f, _base_type(hints[f.name])
+            yield f, _base_type(hints[f.name]), f.name in require
 
 
-def _kwargs(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
+def _kwargs(f: dataclasses.Field, tp: Any, required: bool = False) -> dict[str, Any]:
     """argparse keyword arguments for one field."""
     meta = f.metadata
     has_default, default = _default(f)
@@ -66,15 +67,15 @@ def _kwargs(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
         kwargs["help"] += f" (default: {shown})"
     if "metavar" in meta:
         kwargs["metavar"] = meta["metavar"]
-    if not has_default or meta.get("required"):
+    if not has_default or meta.get("required") or required:
         kwargs["required"] = True
     return kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one option per field of the dataclass ``cls`` (nested settings included)."""
-    for f, tp in _fields(cls):
-        kwargs = _kwargs(f, tp)
+    for f, tp, required in _fields(cls):
+        kwargs = _kwargs(f, tp, required)
         if f.metadata.get("positional"):
             kwargs.pop("required", None)
             if _default(f)[0]:
@@ -106,4 +107,4 @@ def from_args(cls: type, ns: argparse.Namespace, **overrides: Any):
 
 def option_names(cls: type) -> frozenset[str]:
     """The names (argparse dests) of the options ``add_arguments`` makes for ``cls``."""
-    return frozenset(f.name for f, _ in _fields(cls))
+    return frozenset(f.name for f, _, _ in _fields(cls))

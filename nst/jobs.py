@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nst.engine.errors import InputError
-from nst.engine.imageio import MAX_PIXELS
+from nst.engine.sizes import MAX_PIXELS
 from nst.engine.settings import DEVICES, StylizeSettings, option
 
 
@@ -53,8 +53,12 @@ class TargetsJob:
     # The settings of the targets only: the loop's (steps, optimiser, device...) are the
     # host's business; the C++ host runs a constant learning rate.
     settings: StylizeSettings = option(StylizeSettings(), help="the render's settings", nested=True,
-                                       omit="loop_only")
+                                       omit="loop_only", require=("extractor",))
     max_pixels: int = option(MAX_PIXELS, help="refuse input images with more pixels than this")
+
+    def __post_init__(self) -> None:
+        if not str(self.output).endswith(".pt"):
+            raise InputError(f"-o {self.output}: a targets file is a TorchScript module; name it *.pt")
 
 
 @dataclass(frozen=True)

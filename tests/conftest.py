@@ -75,6 +75,6 @@ def export_dir(tmp_path_factory, weight_files) -> Path:
 
     out = tmp_path_factory.mktemp("export")
     export_extractor(
-        ExportSettings(out=out, weights=str(weight_files["features"]), trace_size="64x64", check_size="48x80")
+        ExportSettings(out=out, weights=str(weight_files["features"]), trace_size="64x64", check_size="80x48")
     )
     return out

@@ -48,7 +48,7 @@ def job(tmp_path_factory):
         d / "content.png")
     Image.fromarray(rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)).save(d / "style.png")
     assert main(["-q", "export", "--weights", W, "--out", str(d / "exp"), "--formats", "torchscript",
-                 "--trace-size", "64x64", "--check-size", "48x80"]) == 0
+                 "--trace-size", "64x64", "--check-size", "80x48"]) == 0
     assert main(["-q", "targets", str(d / "content.png"), "--style", str(d / "style.png"), "--extractor",
                  str(d / "exp"), "-o", str(d / "targets.pt"), "--size", "64", "--style-weight", "1e8",
                  "--tv-weight", "2", "--init", "noise", "--seed", "3"]) == 0
@@ -71,7 +71,7 @@ def test_cpp_matches_python(host, job):
     # The Python engine, same start, same settings, on the same TorchScript file.
     from nst.engine.imageio import load_image
 
-    settings = StylizeSettings(size=64, steps=STEPS, weights=W, extractor=str(job / "exp"), reference=True,
+    settings = StylizeSettings(size=64, steps=STEPS, extractor=str(job / "exp"), reference=True,
                                device="cpu", style_weight=1e8, tv_weight=2, init="noise", seed=3)
     py = run(load_image(job / "content.png"), [(load_image(job / "style.png"), 1.0)], settings)
     py_losses = np.array([py.stats.loss, py.stats.content, py.stats.style, py.stats.tv]).T
@@ -95,7 +95,7 @@ def test_cpp_matches_python_on_cuda(host, job):
     cpp = np.loadtxt(job / "losses-cuda.txt")
     from nst.engine.imageio import load_image
 
-    settings = StylizeSettings(size=64, steps=STEPS, weights=W, extractor=str(job / "exp"), reference=True,
+    settings = StylizeSettings(size=64, steps=STEPS, extractor=str(job / "exp"), reference=True,
                                device="cuda", style_weight=1e8, tv_weight=2, init="noise", seed=3)
     py = run(load_image(job / "content.png"), [(load_image(job / "style.png"), 1.0)], settings)
     assert py.stats.float32_math == "ieee"
@@ -128,7 +128,7 @@ def test_cpp_errors(host, job, tmp_path):
     # Targets made for another export are refused.
     other = tmp_path / "other"
     assert main(["-q", "export", "--weights", "random:5", "--out", str(other), "--formats", "torchscript",
-                 "--trace-size", "64x64", "--check-size", "48x80"]) == 0
+                 "--trace-size", "64x64", "--check-size", "80x48"]) == 0
     assert "made for another extractor" in error(other, job / "targets.pt", out)
     # An edited manifest (two taps swapped; the TorchScript file's hash still matches).
     edited = tmp_path / "edited"
@@ -141,7 +141,7 @@ def test_cpp_errors(host, job, tmp_path):
     # Targets naming a layer the export does not output (a hand-made file with the right hash).
     narrow = tmp_path / "narrow"
     assert main(["-q", "export", "--weights", W, "--out", str(narrow), "--formats", "torchscript", "--taps",
-                 "relu1_1", "--trace-size", "64x64", "--check-size", "48x80"]) == 0
+                 "relu1_1", "--trace-size", "64x64", "--check-size", "80x48"]) == 0
     import warnings
 
     from nst.export.targets_file import EXTRA_NAME, _Holder
@@ -166,10 +166,12 @@ def test_cpp_errors(host, job, tmp_path):
 
 def test_targets_command_errors(tmp_path, capsys):
     Image.new("RGB", (64, 64)).save(tmp_path / "c.png")
-    code = main(["-q", "targets", str(tmp_path / "c.png"), "--style", str(tmp_path / "c.png"), "-o",
-                 str(tmp_path / "t.pt")])
-    assert code == 1
-    assert "--extractor DIR is required" in capsys.readouterr().err
+    # A usage error (argparse's exit status 2): the usage line shows --extractor as required.
+    with pytest.raises(SystemExit) as e:
+        main(["-q", "targets", str(tmp_path / "c.png"), "--style", str(tmp_path / "c.png"), "-o",
+              str(tmp_path / "t.pt")])
+    assert e.value.code == 2
+    assert "the following arguments are required: --extractor" in capsys.readouterr().err
     assert not (tmp_path / "t.pt").exists()
 
 

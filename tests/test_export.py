@@ -136,10 +136,10 @@ def test_export_refuses_a_program_that_refuses_sizes(tmp_path, weight_files, mon
 
     monkeypatch.setattr(program_mod, "write", static_write)
     out = tmp_path / "out"
-    with pytest.raises(ExportError, match=r"pt2 self-check failed: it does not run on a 48x80 input .*leave it out "
+    with pytest.raises(ExportError, match=r"pt2 self-check failed: it does not run on a 80x48 input \(WxH\) .*leave it out "
                                           r"\(--formats torchscript\)"):
         export_extractor(ExportSettings(out=out, weights=str(weight_files["features"]), trace_size="64x64",
-                                        check_size="48x80", formats=("torchscript", "pt2")))
+                                        check_size="80x48", formats=("torchscript", "pt2")))
     assert not out.exists() or list(out.iterdir()) == []
 
 
@@ -166,7 +166,7 @@ def test_loader_selects_and_checks_taps(export_dir, eager):
     torch.testing.assert_close(got[1], full[4])
     with pytest.raises(ManifestError, match="does not export tap conv4_2"):
         load_export(export_dir, taps=("conv4_2",))
-    with pytest.raises(ManifestError, match="max pooling, but avg"):
+    with pytest.raises(ManifestError, match="max pooling, but the settings ask for avg"):
         load_export(export_dir, pool="avg")
     with pytest.raises(ManifestError, match="holds vgg19, but vgg16"):
         load_export(export_dir, network="vgg16")
@@ -211,7 +211,7 @@ def test_self_check_fails_a_tampered_artefact(tmp_path, weight_files, monkeypatc
     out = tmp_path / "out"
     with pytest.raises(ExportError, match=r"self-check failed \(torchscript (forward|input_grad) relative error \d.*no manifest"):
         export_extractor(ExportSettings(out=out, weights=str(weight_files["features"]), trace_size="64x64",
-                                        check_size="48x80", formats=("torchscript",)))
+                                        check_size="80x48", formats=("torchscript",)))
     assert not (out / MANIFEST_NAME).exists()
     assert list(out.iterdir()) == [], "a failed export leaves nothing behind"
 
@@ -220,7 +220,7 @@ def test_interrupted_export_keeps_the_previous_one(tmp_path, weight_files, monke
     import nst.export.to_onnx as onnx_mod
 
     out = tmp_path / "out"
-    settings = dict(weights=str(weight_files["features"]), taps=("relu2_1",), trace_size="64x64", check_size="48x80")
+    settings = dict(weights=str(weight_files["features"]), taps=("relu2_1",), trace_size="64x64", check_size="80x48")
     export_extractor(ExportSettings(out=out, **settings))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
@@ -230,7 +230,7 @@ def test_interrupted_export_keeps_the_previous_one(tmp_path, weight_files, monke
     monkeypatch.setattr(onnx_mod, "write", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export_extractor(ExportSettings(out=out, weights="random:5", taps=("relu2_1",), trace_size="64x64",
-                                        check_size="48x80"))
+                                        check_size="80x48"))
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert after == before, "the old export is untouched and no staging files remain"
 
@@ -239,12 +239,12 @@ def test_interrupted_export_keeps_the_previous_one(tmp_path, weight_files, monke
 def test_half_precision_and_channels_last_exports(tmp_path):
     out = tmp_path / "fp16"
     m = export_extractor(ExportSettings(out=out, weights="random:2", taps=("relu3_1",), precision="fp16",
-                                        channels_last=True, trace_size="48x48", check_size="40x56"))
+                                        channels_last=True, trace_size="48x48", check_size="56x40"))
     assert m["dtype"] == "float16" and m["memory_format"] == "channels_last"
     assert all(a["check"]["passed"] for a in m["artefacts"].values())
     out_b = tmp_path / "bf16"
     m = export_extractor(ExportSettings(out=out_b, weights="random:2", taps=("relu3_1",), precision="bf16",
-                                        trace_size="48x48", check_size="40x56"))
+                                        trace_size="48x48", check_size="56x40"))
     assert m["artefacts"]["onnx"]["written"] is False and "bfloat16" in m["artefacts"]["onnx"]["reason"]
     assert not (out_b / ONNX_NAME).exists()
     ts = load_export(out_b)
@@ -258,7 +258,7 @@ def test_settings_errors(tmp_path):
     with pytest.raises(ExportError, match="must differ"):
         export_extractor(ExportSettings(out=tmp_path, weights="random", trace_size="64x64", check_size="64x64"))
     with pytest.raises(ExportError, match="too small for tap relu5_1"):
-        export_extractor(ExportSettings(out=tmp_path, weights="random", trace_size="64x64", check_size="16x24"))
+        export_extractor(ExportSettings(out=tmp_path, weights="random", trace_size="64x64", check_size="24x16"))
     with pytest.raises(ExportError, match="opset 17 is too old"):
         export_extractor(ExportSettings(out=tmp_path, weights="random", opset=17))
     with pytest.raises(ExportError, match="unknown format 'tflite'"):

@@ -148,7 +148,7 @@ def test_seeds_out_of_range(images, capsys):
 def test_export_on_a_full_disk_is_refused_before_writing(mount, capsys):
     full = mount("1m")
     assert main(["-q", "export", "--weights", W, "--out", str(full / "exp"), "--trace-size", "64x64",
-                 "--check-size", "48x80"]) == 1
+                 "--check-size", "80x48"]) == 1
     assert "MB free" in _one_line(capsys)
     assert [p.name for p in (full / "exp").iterdir()] == []
 
@@ -161,7 +161,7 @@ def test_export_cleans_the_leftovers_of_killed_exports(tmp_path):
     dead.mkdir(parents=True)
     (dead / "extractor.ts").write_bytes(b"x" * 100)
     export_extractor(ExportSettings(out=out, weights=W, taps=("relu1_1",), formats=("torchscript",),
-                                    trace_size="64x64", check_size="48x80"))
+                                    trace_size="64x64", check_size="80x48"))
     assert not dead.exists()
     assert sorted(p.name for p in out.iterdir()) == ["extractor.ts", "manifest.json"]
 

@@ -124,7 +124,7 @@ def test_recipe_cli_errors_and_listing(capsys):
 
 
 def test_targets_take_a_recipe_but_not_its_schedule():
-    argv = ["targets", "c.png", "--style", "s.png", "-o", "t.pt", "--recipe", "vgg16"]
+    argv = ["targets", "c.png", "--style", "s.png", "-o", "t.pt", "--extractor", "exp", "--recipe", "vgg16"]
     ns = build_parser(argv).parse_args(argv)
     assert ns.gram_norm == "4n2m2" and ns.content_layers == "relu4_3"
     assert not hasattr(ns, "lr_schedule")  # the C++ host runs a constant rate

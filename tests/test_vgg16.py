@@ -38,7 +38,7 @@ def eager16(vgg16_file):
 def export16(tmp_path_factory, vgg16_file):
     out = tmp_path_factory.mktemp("export16")
     export_extractor(ExportSettings(out=out, weights=str(vgg16_file), network="vgg16", pool="avg", taps=TAPS,
-                                    trace_size="64x64", check_size="48x80"))
+                                    trace_size="64x64", check_size="80x48"))
     return out
 
 

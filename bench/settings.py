@@ -1,0 +1,94 @@
+"""Settings of the benchmarks (``nst bench``, ``bench-quality``, ``bench-recipes``): plain
+dataclasses, no torch, so that the command line's help is quick."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from nst.engine.errors import NSTError
+from nst.engine.settings import option
+
+CPU_SIZES = (128, 256)
+GPU_SIZES = (256, 512, 1024, 2048, 4096)
+OUT_DEFAULT = (" (default: bench/results, or a temporary directory with --quick, which never overwrites the "
+               "committed results)")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """``nst bench``: the waterfall (bench/run.py)."""
+
+    sizes: tuple[int, ...] = option((), help="square sizes in px (default: 128 256 on CPU; 256 512 1024 2048 4096 on "
+                                    "GPU)", parse=int, metavar="PX")
+    steps: int = option(0, help="steps per timed repeat (default: 4 on CPU, 20 on GPU)")
+    repeats: int = option(5, help="timed repeats; the median is reported")
+    warmup: int = option(0, help="untimed steps first (default: 2 on CPU; on a GPU, 3 more than the CUDA graph's "
+                         "warm-up and capture take)")
+    device: str = option("auto", help="auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    weights: str = option("random:0", help="weights spec; speed does not depend on the values, and the "
+                          "default needs no download", metavar="SPEC")
+    out: str | None = option(None, help="directory for the JSON, markdown and plot" + OUT_DEFAULT, metavar="DIR")
+    name: str | None = option(None, help="file stem for the results (default: from the device name)")
+    interleave: bool | None = option(None, help="time the rows round-robin (default: on the CPU, where a shared "
+                                     "machine's slow moments should hit every row alike; not on GPUs)")
+    onnx: bool = option(True, help="also time target computation with ONNX Runtime against eager PyTorch")
+    profile: bool = option(True, help="profile the engine's default step at the largest size and record where "
+                           "the time goes (kernel groups, their share and achieved FLOP/s)")
+    quick: bool = option(False, help="tiny size and few steps: proves the script works end to end, measures nothing")
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.steps < 0 or self.warmup < 0:
+            raise NSTError("--repeats must be at least 1, --steps and --warmup at least 0")
+
+    def resolved(self, gpu: bool) -> "BenchSettings":
+        """The defaults that depend on the device (and --quick) filled in."""
+        from nst.engine.steppers import GRAPH_WARMUP_STEPS
+
+        cfg = self
+        if cfg.quick:
+            cfg = dataclasses.replace(cfg, sizes=cfg.sizes or (64,), steps=cfg.steps or 2,
+                                      repeats=min(cfg.repeats, 2),
+                                      warmup=cfg.warmup or (GRAPH_WARMUP_STEPS + 1 if gpu else 1))
+        return dataclasses.replace(
+            cfg, sizes=tuple(cfg.sizes) or (GPU_SIZES if gpu else CPU_SIZES), steps=cfg.steps or (20 if gpu else 4),
+            warmup=cfg.warmup or (GRAPH_WARMUP_STEPS + 3 if gpu else 2),
+            interleave=(not gpu) if cfg.interleave is None else cfg.interleave)
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """``nst bench-quality``: quality at equal time (bench/quality.py)."""
+
+    size: int = option(0, help="final long edge in px (default: 512 on CPU, 2048 on GPU)")
+    budget: float = option(0.0, help="seconds per render (default: 60 on CPU, 30 on GPU)")
+    scales: str = option("auto", help="scales of the multi-scale render: auto, or long edges like 256,512")
+    scale_factor: float = option(2.0, help="growth between the automatic scales of the multi-scale render")
+    match_factor: float = option(3.0, help="how many budgets the single-scale matching run may take")
+    device: str = option("auto", help="auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    weights: str = option("random:0", help="weights spec", metavar="SPEC")
+    content: str | None = option(None, help="content image (default: the demo's drawing)", metavar="FILE")
+    style: str | None = option(None, help="style image (default: the demo's drawing)", metavar="FILE")
+    out: str | None = option(None, help="directory for the JSON and markdown" + OUT_DEFAULT, metavar="DIR")
+    name: str | None = option(None, help="file stem (default: quality-<device>)")
+    quick: bool = option(False, help="tiny size and budget: proves the script works, measures nothing")
+
+    def __post_init__(self) -> None:
+        if self.budget < 0 or self.size < 0:
+            raise NSTError("--budget and --size must be positive")
+
+
+@dataclass(frozen=True)
+class RecipeBenchSettings:
+    """``nst bench-recipes``: each recipe against its original loop (bench/recipes.py)."""
+
+    recipes: tuple[str, ...] = option((), help="recipes to run (default: all)", metavar="NAME")
+    adam_steps: int = option(0, help="timed steps per repeat for Adam recipes (default: 3 on CPU, 20 on GPU); "
+                             "L-BFGS recipes time one original call, 20 evaluations")
+    repeats: int = option(0, help="timed repeats, round-robin (default: 4 on CPU, where one slow moment of a "
+                          "shared machine must not decide a median, 5 on GPU)")
+    device: str = option("auto", help="auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    weights: str = option("random:0", help="weights spec (speed does not depend on the values)", metavar="SPEC")
+    out: str | None = option(None, help="directory for the JSON, markdown and plot" + OUT_DEFAULT, metavar="DIR")
+    name: str | None = option(None, help="file stem (default: recipes-<device>)")
+    quick: bool = option(False, help="64 px and one step: proves the script and the parity checks, measures nothing")
