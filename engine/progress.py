@@ -4,6 +4,7 @@ logs one line per progress interval elsewhere. The loop itself never prints."""
 from __future__ import annotations
 
 import logging
+import sys
 
 from .loop import StepInfo
 
@@ -29,8 +30,12 @@ class ProgressBar:
             # tqdm shows its own rate; the postfix only changes at progress intervals.
             self.bar.set_postfix_str(f"loss {total:.4g} (c {c:.3g} s {s:.3g} tv {tv:.3g})", refresh=False)
         else:
-            log.info("step %d/%d loss %.4g (content %.3g style %.3g tv %.3g) %.2f step/s", info.step, info.steps,
-                     total, c, s, tv, info.steps_per_s)
+            line = (f"step {info.step}/{info.steps} loss {total:.4g} (content {c:.3g} style {s:.3g} tv {tv:.3g}) "
+                    f"{info.steps_per_s:.2f} step/s")
+            if log.handlers or logging.getLogger().handlers:
+                log.info("%s", line)  # the command line's (or the caller's) logging
+            else:
+                print(line, file=sys.stderr)  # a script that set up no logging still sees progress
         if info.step == info.steps:
             self.close()
 

@@ -118,7 +118,8 @@ def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], set
     """
     plan = resolve_plan(settings)
     device = torch.device(plan.device)
-    if extractor is None:
+    ours = extractor is None  # loaded here: ours to convert in place
+    if ours:
         extractor = load_extractor(settings.extractor, settings.weights, settings.taps(), settings.pool,
                                    settings.network)
     weights_info = getattr(extractor, "weights_info", {}) or {}
@@ -140,12 +141,12 @@ def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], set
                   for (img, w), hw in zip(styles, style_hws)]
 
     # Targets: once, float32, NCHW, whatever the loop runs in; then the loop's own network.
-    ref_net = place_network(extractor, device, channels_last=False)
+    ref_net = place_network(extractor, device, channels_last=False, owned=ours)
     content_layers, style_layers = settings.layer_weights()
     with float32_math(plan.float32_math):
         targets = compute_targets(ref_net, content_img, style_imgs, content_layers, style_layers, settings.gram_norm,
                                   settings.content_norm)
-    net = place_network(ref_net, device, plan.channels_last, mem.checkpoint, owned=ref_net is not extractor)
+    net = place_network(ref_net, device, plan.channels_last, mem.checkpoint, owned=ours or ref_net is not extractor)
 
     x = init_image(init if init is not None else settings.init, content_img, style_imgs, settings.seed)
     if plan.channels_last and settings.optimizer == "adam":

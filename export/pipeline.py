@@ -91,8 +91,10 @@ STAGING_PREFIX = ".nst-export-"
 def _prepare_out(out: Path) -> Path:
     """The output directory, made and proven writable before any work; leftovers of
     exports that were killed are removed from it."""
+    if not out.parent.is_dir():
+        raise ExportError(f"--out {out}: the directory {out.parent} does not exist")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".nst-probe-", dir=out)
         os.close(fd)
         os.unlink(probe)

@@ -59,7 +59,9 @@ def demo_command(ds: DemoSettings, quiet: bool) -> int:
     out = Path(ds.out)
     if out.exists() and not out.is_dir():
         raise NSTError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    if not out.parent.is_dir():
+        raise NSTError(f"--out {out}: the directory {out.parent} does not exist")
+    out.mkdir(exist_ok=True)
     weights = demo.pick_weights(ds.weights)
     random_weights = weights.startswith("random")
     which = ("seeded random weights (" + weights + "): NOT a trained network, so the result shows the "

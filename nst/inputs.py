@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from nst.engine.api import INIT_KEYWORDS, required_min_side
+from nst.engine.errors import InputError
 from nst.engine.imageio import load_image
 from nst.engine.targets import check_style_weight, style_blend
 
@@ -14,6 +17,9 @@ def parse_style_spec(spec: str) -> tuple[str, float]:
         try:
             weight = float(tail)
         except ValueError:
+            if not Path(spec).exists() and Path(path).is_file():
+                raise InputError(f"bad style weight in {spec!r}: write FILE:WEIGHT with a number, e.g. "
+                                 f"{path}:0.3") from None
             return spec, 1.0
         return path, check_style_weight(weight, f"in {spec!r}")
     return spec, 1.0

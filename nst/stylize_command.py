@@ -63,7 +63,7 @@ def show_plan(settings, finish_s: float):
             print("scales: " + ", ".join(f"{sc.wxh} ({sc.steps} steps)" for sc in plans))
             return
         print(f"plan for a {settings.time_budget:g} s budget (calibrated; {finish_s:.1f} s kept for writing the image, "
-              f"{budget_margin(settings.time_budget):.1f} s for noise):")
+              f"{budget_margin(settings.time_budget):.1f} s spare for timing noise):")
         for i, sc in enumerate(plans, 1):
             print(f"  scale {i}: {sc.wxh}  {sc.step_s * 1e3:8.1f} ms/step  {sc.steps:5d} steps  "
                   f"{sc.planned_s:6.1f} s planned (setup and warm-up {sc.cost.setup_s + sc.cost.warmup_s:.1f} s)")
@@ -112,8 +112,9 @@ def _report(result, settings, out: Path, t_start: float) -> int:
             print(f"  scale {i}: {sc['hw'][1]}x{sc['hw'][0]}  planned {sc['steps_planned']} steps / "
                   f"{sc['planned_s']:.1f} s, ran {sc['steps_run']} steps / {sc['actual_s']:.1f} s")
     h, w = st.size
+    random = "; seeded random weights, NOT a trained network" if st.weights.startswith("random") else ""
     print(f"wrote {out} ({w}x{h}, {st.steps_run} steps, loss {st.loss[0]:.4g} -> {st.final_loss:.4g}, "
-          f"{st.steps_per_s:.2f} steps/s on {st.device} {st.precision} {st.path} path)")
+          f"{st.steps_per_s:.2f} steps/s on {st.device} {st.precision} {st.path} path{random})")
     if st.stopped in ("time-limit", "interrupted"):
         signum = stop_signal() or signal.SIGINT
         why = "the time limit was reached" if st.stopped == "time-limit" else \

@@ -266,3 +266,28 @@ def test_api_validates_style_weights_like_the_cli(images):
     r = stylize(c, (str(s), 0.3), settings)  # one (image, weight) pair
     assert r.image.shape == (3, 48, 64)
     assert torch.isfinite(r.image).all()
+
+
+def test_newcomer_slips(images, capsys, tmp_path):
+    """Found by following the README as a newcomer."""
+    # --out under a directory that does not exist is refused, not created.
+    assert main(["-q", "export", "--weights", W, "--out", str(tmp_path / "nope" / "exp")]) == 1
+    assert "does not exist" in _one_line(capsys) and not (tmp_path / "nope").exists()
+    assert main(["-q", "demo", "--out", str(tmp_path / "nope" / "demo")]) == 1
+    assert "does not exist" in _one_line(capsys) and not (tmp_path / "nope").exists()
+    # A weight that is not a number, after a file that exists, is a bad weight, not a missing file.
+    assert main(_stylize(images, "--style", f"{images / 's.png'}:abc")) == 1
+    assert "bad style weight" in _one_line(capsys)
+    # The summary line says when the weights were random.
+    assert main(_stylize(images)) == 0
+    assert "seeded random weights, NOT a trained network" in capsys.readouterr().out
+
+
+def test_api_progress_shows_without_logging_set_up(tmp_path):
+    code = ("import nst.engine\nfrom nst.engine.demo import make_content, make_style\n"
+            "nst.engine.stylize(make_content(), make_style(), weights='random:0', size=64, steps=3, "
+            "progress_every=1, device='cpu', progress=True)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       env=dict(os.environ, NST_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr
+    assert "step 3/3 loss" in r.stderr, r.stderr
