@@ -15,7 +15,7 @@ from .imageio import load_image, pil_to_tensor
 from .layers import min_side as _min_side
 from .loop import Callback, chain
 from .multiscale import render
-from .progress import ProgressBar
+from .progress import progress_bar
 from .settings import StylizeSettings
 from .stats import Result
 from .targets import style_blend
@@ -74,10 +74,6 @@ def stylize(content, style, settings: StylizeSettings | None = None, extractor=N
     init = settings.init
     if isinstance(init, str) and init not in INIT_KEYWORDS:
         init = as_image(init, "init image", need)
-    bar = ProgressBar() if progress else None
-    try:
+    with progress_bar(progress) as bar:
         return render(content_t, styles, settings, extractor=extractor, init=init, callback=chain(bar, callback))
-    finally:
-        if bar is not None:
-            bar.close()
 

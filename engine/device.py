@@ -21,6 +21,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def same_device(here: torch.device, device: torch.device) -> bool:
+    """Whether something ``here`` is already on ``device`` ("cuda" means any CUDA device)."""
+    return here == device or (device.index is None and here.type == device.type)
+
+
 def sync(device: torch.device | str) -> None:
     """Wait for the device (a no-op on the CPU): before reading a host clock."""
     if torch.device(device).type == "cuda":

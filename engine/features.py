@@ -19,6 +19,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .device import same_device
 from .errors import InputError
 from .layers import (DEFAULT_TAPS, IMAGENET_MEAN, IMAGENET_STD, POOLS, deepest, layer_by_name, layers_upto, min_side,
                      parse_taps)
@@ -109,8 +110,7 @@ class VGGFeatures(nn.Module):
         else a copy (or ``self`` converted, when ``owned``: the engine's own copy already).
         The engine never moves, casts or flags a module a caller handed it."""
         device = torch.device(device)
-        same = (self.mean.device == device or (device.index is None and self.mean.device.type == device.type))
-        if same and self.channels_last == channels_last and self.checkpoint == checkpoint:
+        if same_device(self.mean.device, device) and self.channels_last == channels_last and self.checkpoint == checkpoint:
             return self
         net = self if owned else copy.deepcopy(self)
         net.to(device)

@@ -40,12 +40,34 @@ def write_target(path: str | os.PathLike, label: str = "output") -> Path:
     if not parent.is_dir():
         raise OutputError(f"{label} directory {parent} is not a directory")
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
+        _probe(parent)
     except OSError as e:
         raise OutputError(f"{label} directory {parent} is not writable ({e.strerror or e})") from None
     return target
+
+
+def output_dir(path: str | os.PathLike, label: str = "--out") -> Path:
+    """A directory to write files into, made (its parent must exist) and proven writable
+    before any work: the directory counterpart of ``write_target``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{label} {path} exists and is not a directory")
+    if not path.parent.is_dir():
+        raise OutputError(f"{label} {path}: the directory {path.parent} does not exist")
+    try:
+        path.mkdir(exist_ok=True)
+        _probe(path)
+    except OSError as e:
+        raise OutputError(f"{label} {path}: cannot write there ({e.strerror or e})") from None
+    return path
+
+
+def _probe(directory: Path) -> None:
+    """Create and remove a file in ``directory`` (OSError where none can be written):
+    tried, not guessed, because permissions do not stop root and a read-only filesystem does."""
+    fd, probe = tempfile.mkstemp(prefix=".nst-probe-", dir=directory)
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .device import same_device
 from .errors import InputError, ManifestError
 from .features import VGGFeatures, build_extractor
 from .fsutil import sha256_file
@@ -70,11 +71,10 @@ class ScriptedExtractor(nn.Module):
         device = torch.device(device)
         weights = [p for p in self.scripted.parameters() if p.dim() == 4]
         here = weights[0].device if weights else device
-        same_device = here == device or (device.index is None and here.type == device.type)
         same_format = all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in weights)
         if checkpoint:
             raise InputError("a TorchScript extractor cannot recompute its blocks (activation checkpointing)")
-        if same_device and same_format:
+        if same_device(here, device) and same_format:
             return self
         scripted = self.scripted
         if not owned:

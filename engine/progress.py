@@ -3,12 +3,24 @@ logs one line per progress interval elsewhere. The loop itself never prints."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
 from .loop import StepInfo
 
 log = logging.getLogger("nst")
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool = True):
+    """A ``ProgressBar`` for the block (closed at its end, however it ends), or None."""
+    bar = ProgressBar() if enabled else None
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 class ProgressBar:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .device import float32_math
+from .device import float32_math, same_device
 from .errors import InputError
 from .imageio import resize_to
 from .loader import load_extractor
@@ -63,7 +63,7 @@ def place_network(net, device: torch.device, channels_last: bool, checkpoint: bo
     if checkpoint:
         raise InputError("activation checkpointing needs the engine's own extractor (--checkpointing off)")
     param = next(iter(net.parameters()), None) if hasattr(net, "parameters") else None
-    if param is None or param.device == device or (device.index is None and param.device.type == device.type):
+    if param is None or same_device(param.device, device):
         return net
     return (net if owned else copy.deepcopy(net)).to(device)
 

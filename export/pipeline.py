@@ -24,7 +24,7 @@ import torch
 
 from nst.engine.errors import ExportError, NSTError
 from nst.engine.features import VGGFeatures, build_extractor
-from nst.engine.fsutil import atomic_write_text, sha256_file
+from nst.engine.fsutil import atomic_write_text, output_dir, sha256_file
 from nst.engine.manifest import MANIFEST_NAME, ONNX_NAME, PROGRAM_NAME, TORCHSCRIPT_NAME
 
 from . import manifest as manifest_mod
@@ -91,15 +91,7 @@ STAGING_PREFIX = ".nst-export-"
 def _prepare_out(out: Path) -> Path:
     """The output directory, made and proven writable before any work; leftovers of
     exports that were killed are removed from it."""
-    if not out.parent.is_dir():
-        raise ExportError(f"--out {out}: the directory {out.parent} does not exist")
-    try:
-        out.mkdir(exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".nst-probe-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ExportError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    out = output_dir(out)
     _clean_leftovers(out)
     return out
 

@@ -170,14 +170,10 @@ def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
-_CLOCK_START: float | None = None
-
-
 def main(argv: list[str] | None = None) -> int:
-    global _CLOCK_START
     # A time budget counts from the process start when nst runs as a program (so Python's
     # start-up and imports are inside it), and from this call when called from Python.
-    _CLOCK_START = time.perf_counter() - (_process_age() if argv is None else 0.0)
+    t_start = time.perf_counter() - (_process_age() if argv is None else 0.0)
     if argv is None:  # as a program: SIGTERM and SIGHUP stop a render as Ctrl-C does
         from nst.engine.signals import stop_on_signals
 
@@ -194,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd: Command = args.command_obj
     try:
         settings = flags.from_args(cmd.settings, args) if cmd.settings is not None else None
-        return cmd.run(settings, args, _CLOCK_START)
+        return cmd.run(settings, args, t_start)
     except NSTError as e:
         print(f"nst: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
-from pathlib import Path
 
 from nst.engine.errors import NSTError
 
@@ -51,17 +50,13 @@ def demo_command(ds: DemoSettings, quiet: bool) -> int:
     from PIL import Image
 
     from nst.engine import demo
+    from nst.engine.fsutil import output_dir
     from nst.engine.imageio import pil_to_tensor, save_image
     from nst.engine.loop import run
-    from nst.engine.progress import ProgressBar
+    from nst.engine.progress import progress_bar
     from nst.engine.settings import StylizeSettings
 
-    out = Path(ds.out)
-    if out.exists() and not out.is_dir():
-        raise NSTError(f"--out {out} exists and is not a directory")
-    if not out.parent.is_dir():
-        raise NSTError(f"--out {out}: the directory {out.parent} does not exist")
-    out.mkdir(exist_ok=True)
+    out = output_dir(ds.out)
     weights = demo.pick_weights(ds.weights)
     random_weights = weights.startswith("random")
     which = ("seeded random weights (" + weights + "): NOT a trained network, so the result shows the "
@@ -78,12 +73,8 @@ def demo_command(ds: DemoSettings, quiet: bool) -> int:
         settings = dataclasses.replace(settings, style_weight=demo.RANDOM_STYLE_WEIGHT, tv_weight=0.0)
         print(f"nst demo: with random weights the demo uses --style-weight {demo.RANDOM_STYLE_WEIGHT:g} "
               "--tv-weight 0 (the defaults are set for ImageNet weights)")
-    bar = None if quiet else ProgressBar()
-    try:
+    with progress_bar(not quiet) as bar:
         result = run(pil_to_tensor(content_img), [(pil_to_tensor(style_img), 1.0)], settings, callback=bar)
-    finally:
-        if bar is not None:
-            bar.close()
     save_image(result.image, out / "result.png")
     st = result.stats
     caption = f"result: {st.steps_run} steps, {st.size[1]}x{st.size[0]}\n"

@@ -18,7 +18,7 @@ from nst.engine.imageio import (GIF_LONG_EDGE, check_gif_path, check_output_path
                                 predict_save_s, save_gif, save_image)
 from nst.engine.loop import StepInfo, chain
 from nst.engine.multiscale import render
-from nst.engine.progress import ProgressBar
+from nst.engine.progress import progress_bar
 from nst.engine.signals import deferred, stop_signal
 from nst.engine.sizes import fit_long_edge
 
@@ -136,26 +136,20 @@ def stylize_command(job: StylizeJob, quiet: bool, t_start: float, recipe: str | 
     if job.gif:
         check_gif_path(job.gif)
     content, styles, init = load_inputs(job)
-    gif_hw = None
-    if job.gif:
-        final_hw = settings.output_hw(tuple(content.shape[-2:]))
-        gif_hw = fit_long_edge(final_hw, min(GIF_LONG_EDGE, max(final_hw)))
+    final_hw = settings.output_hw(tuple(content.shape[-2:]))
+    gif_hw = fit_long_edge(final_hw, min(GIF_LONG_EDGE, max(final_hw))) if job.gif else None
     keeper = Keeper(out, job.save_every, gif_hw, job.gif_every or max(1, settings.steps // 50))
     # A budget ends with the image written: plan the writing too.
-    finish_s = predict_save_s(content, settings.output_hw(tuple(content.shape[-2:])), out) \
-        if settings.time_budget is not None else 0.0
-    bar = None if quiet else ProgressBar()
+    finish_s = predict_save_s(content, final_hw, out) if settings.time_budget is not None else 0.0
     try:
-        result = render(content, styles, settings, init=init, callback=chain(bar, keeper), t_start=t_start,
-                        on_plan=show_plan(settings, finish_s), finish_s=finish_s)
+        with progress_bar(not quiet) as bar:
+            result = render(content, styles, settings, init=init, callback=chain(bar, keeper), t_start=t_start,
+                            on_plan=show_plan(settings, finish_s), finish_s=finish_s)
     except NonFiniteLossError as e:
         if e.result is not None:
             save_final(e.result.image, out)
             raise NSTError(f"{e}; wrote it to {out}") from None
         raise
-    finally:
-        if bar is not None:
-            bar.close()
     save_final(result.image, out)
     if job.gif:
         print(keeper.write_gif(job.gif, result.image))
