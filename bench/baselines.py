@@ -15,12 +15,11 @@ import torch
 from torch.nn import functional as F
 
 from .reference import MEAN, STD, torchvision_features
+from .user_loop import CONTENT, STYLE, TAPS, UserLoop
 
 # Written as tutorials write them: vgg19.features indices of the taps, cut after relu5_1.
-TAP_INDEX = {"relu1_1": 1, "relu2_1": 6, "relu3_1": 11, "relu4_1": 20, "relu4_2": 22, "relu5_1": 29}
+TAP_INDEX = {name: i for i, name in TAPS.items()}
 CUT = 30
-STYLE = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
-CONTENT = "relu4_2"
 
 
 def vgg19_features(state: dict, device) -> torch.nn.Sequential:
@@ -52,11 +51,7 @@ class TutorialLoop:
                 out[wanted[i]] = h
         return out
 
-    @staticmethod
-    def gram(f):
-        _, c, h, w = f.shape
-        m = f.view(c, h * w)
-        return m @ m.t() / (c * h * w)
+    gram = staticmethod(UserLoop.gram)  # the tutorial's F F^T / (C H W), written once
 
     def _targets(self):
         fc = self.taps(self.content)

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Check a GPU machine: the whole test suite (cuda tests included), a budgeted 4096 px render,
-# the C++ host on CUDA, and `nst bench` at 512 and 2048 px. Each stage fits a 10-minute call:
+# the C++ host on CUDA, `nst bench` at 512, 1024 and 2048 px and the time-to-image renders.
+# Each stage fits a 10-minute call; with 15 device minutes in all, run `fast` first:
 #
+#   bash bench/gpu_check.sh fast      # the cuda-marked tests only (parity of every fast path; a few minutes)
+#   bash bench/gpu_check.sh bench     # nst bench --device cuda --sizes 512 1024 2048 (waterfall, baselines, profile)
+#   bash bench/gpu_check.sh tti       # time to image: 512 px / 500 steps, 2048 px / 200 steps, cold and warm
+#   bash bench/gpu_check.sh quality   # nst bench-quality at 2048 px / 20 s (adaptive plan vs equal split vs single)
+#   bash bench/gpu_check.sh quality4k # the same at 4096 px / 60 s (about 8 min)
 #   bash bench/gpu_check.sh suite     # pytest, everything (about 6 min on an H100 machine's CPUs)
 #   bash bench/gpu_check.sh render    # 4096 px under --time-budget 45, timed from process start; C++ host on CUDA
-#   bash bench/gpu_check.sh bench     # nst bench --device cuda --sizes 512 2048
-#   bash bench/gpu_check.sh all       # the three in turn
+#   bash bench/gpu_check.sh all       # all of them in turn
 #
 # Uses the machine's own torch (installs this project with --no-deps, never torch itself).
 # Logs go to $LOGS (default: $OUT/gpu-check when $OUT is set, else bench/results/gpu-check):
@@ -37,6 +42,35 @@ suite() {
   line=$(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$log" | tail -1)
   row suite "pytest (cuda tests included)" "$([ $rc = 0 ] && echo ok || echo FAIL)" "${line:-rc $rc}"
 }
+
+fast() {
+  local log="$LOGS/fast.log"
+  NST_OFFLINE=1 timeout 400 $PY -m pytest -q -rs -p no:cacheprovider -m cuda > "$log" 2>&1
+  local rc=$? line
+  line=$(grep -E 'passed|failed' "$log" | tail -1)
+  row fast "pytest -m cuda" "$([ $rc = 0 ] && echo ok || echo FAIL)" "${line:-rc $rc}"
+}
+
+tti() {
+  local log="$LOGS/tti.log"
+  NST_OFFLINE=1 timeout 580 $PY -m nst bench --device cuda --no-waterfall --no-profile --no-onnx \
+    --name "$($PY -c 'import torch, re; print(re.sub("[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))')-time-to-image" \
+    --out bench/results > "$log" 2>&1
+  local rc=$?
+  row tti "time to image, cold and warm" "$([ $rc = 0 ] && echo ok || echo FAIL)" \
+    "$(grep -E '^wrote' "$log" | tail -1 | cut -c1-120)"
+}
+
+quality() {
+  local size=${1:-2048} budget=${2:-20} log="$LOGS/quality-${1:-2048}.log"
+  NST_OFFLINE=1 timeout 580 $PY -m nst bench-quality --device cuda --size "$size" --budget "$budget" \
+    --out bench/results > "$log" 2>&1
+  local rc=$?
+  row quality "bench-quality ${size} px / ${budget} s" "$([ $rc = 0 ] && echo ok || echo FAIL)" \
+    "$(grep -E 'adaptive_over_equal' "$log" | tail -1 | cut -c1-120)"
+}
+
+quality4k() { quality 4096 60; }
 
 render() {
   local log="$LOGS/render.log" dir="$LOGS/render"
@@ -70,17 +104,18 @@ PY
 
 bench() {
   local log="$LOGS/bench.log"
-  NST_OFFLINE=1 timeout 580 $PY -m nst bench --device cuda --sizes 512 2048 --out bench/results > "$log" 2>&1
+  NST_OFFLINE=1 timeout 580 $PY -m nst bench --device cuda --sizes 512 1024 2048 --no-time-to-image \
+    --out bench/results > "$log" 2>&1
   local rc=$?
-  row bench "nst bench --sizes 512 2048" "$([ $rc = 0 ] && echo ok || echo FAIL)" \
+  row bench "nst bench --sizes 512 1024 2048" "$([ $rc = 0 ] && echo ok || echo FAIL)" \
     "$(grep -E '^wrote' "$log" | tail -1 | cut -c1-120)"
 }
 
 stage=${1:-}
 case "$stage" in
-  suite|render|bench) setup; "$stage" ;;
-  all) setup; suite; render; bench ;;
-  *) echo "usage: bash bench/gpu_check.sh suite|render|bench|all" >&2; exit 2 ;;
+  fast|suite|render|bench|tti|quality|quality4k) setup; "$stage" ;;
+  all) setup; fast; bench; tti; quality; quality4k; suite; render ;;
+  *) echo "usage: bash bench/gpu_check.sh fast|bench|tti|quality|quality4k|suite|render|all" >&2; exit 2 ;;
 esac
 echo
 cat "$SUMMARY"

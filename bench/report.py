@@ -50,21 +50,29 @@ def _header(results: dict) -> list[str]:
 
 def _row_line(r: dict) -> str:
     if not r.get("applicable", True):
-        return f"| {r['label']} | n/a | | | | | | | | {r.get('reason', '')} |"
+        return f"| {r['label']} | n/a | | | | | | | | | | {r.get('reason', '')} |"
     if r.get("oom"):
-        return f"| {r['label']} | | | out of memory | | | | | | |"
+        return f"| {r['label']} | | | out of memory | | | | | | | | |"
     pf = f"{100 * r['peak_fraction']:.0f}% {r.get('peak_key', '')}" if r.get("peak_fraction") else "-"
     dtype = r.get("dtype", "") + (f" ({r['float32_math']})" if r.get("float32_math") else "")
+    first = f"{r['first_step_s']:.2f}" if r.get("first_step_s") is not None else "-"
     return (f"| {r['label']} | {dtype} | {r.get('memory_format', '')} | {r['steps_per_s']:.3f} | "
-            f"{r['ms_per_step']:.1f} | {r['tflops']:.3f} | {pf} | {_mb(r.get('peak_mem_bytes'))} | "
-            f"{_x(r.get('speedup_vs_naive'))} | {_x(r.get('speedup_vs_eager'))} |")
+            f"{r['ms_per_step']:.1f} | {r['tflops']:.3f} | {pf} | {_mb(r.get('peak_mem_bytes'))} | {first} | "
+            f"{_x(r.get('speedup_vs_naive'))} | {_x(r.get('speedup_vs_eager'))} | "
+            f"{_x(r.get('speedup_vs_best_baseline'))} |")
 
 
 def _size_section(size: str, entry: dict) -> list[str]:
     lines = [f"## {size} x {size} px", "",
-             "| row | dtype | layout | steps/s | ms/step | TFLOP/s | % of peak | peak mem | vs naive | vs eager |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| row | dtype | layout | steps/s | ms/step | TFLOP/s | % of peak | peak mem | first step (s) | vs naive "
+             "| vs eager | vs fastest baseline |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [_row_line(r) for r in entry["rows"]]
+    best = next((r.get("best_baseline") for r in entry["rows"] if r.get("best_baseline")), None)
+    if best:
+        label = next(r["label"] for r in entry["rows"] if r["key"] == best)
+        lines += ["", f"Fastest baseline at this size: {label}. First step: set-up excluded; a cold compile "
+                  "(empty compiler caches) where anything compiles; not in the timings."]
     capt = [r for r in entry["rows"] if r.get("capture_s")]
     if capt:
         lines += ["", "CUDA graph capture (not in the timings): " +
@@ -87,7 +95,8 @@ def _goals_section(results: dict) -> list[str]:
     for k, v in t.items():
         got = "-" if v["got"] is None else f"{v['got']:.2f}"
         margin = "" if v["margin"] is None else f" ({100 * v['margin']:+.0f}%)"
-        lines.append(f"| {k} | {v['target']:.2f} | {got} | {'yes' if v['met'] else 'no'}{margin} |")
+        wanted = ("at most " if v.get("direction") == "max" else "") + f"{v['target']:.2f}"
+        lines.append(f"| {k} | {wanted} | {got} | {'yes' if v['met'] else 'no'}{margin} |")
     lines.append("")
     missed = [k for k, v in t.items() if not v["met"]]
     prof = results.get("profile")
@@ -99,14 +108,32 @@ def _goals_section(results: dict) -> list[str]:
             fl = g[name].get("flops_per_s")
             return f"{100 * fl / peak:.0f}% of peak" if fl else "n/a"
 
-        conv_share = g["convolution forward"]["share"] + g["convolution backward"]["share"]
+        conv_share = g["convolution forward"]["share"] + g["convolution input-gradient"]["share"]
+        rest = sum(g[k]["share"] for k in ("pooling/activation", "losses", "optimizer", "copies", "other"))
         lines += [f"Missed: {', '.join(missed)}. What is in the way, from the profile at {prof['size']} px: "
                   f"convolutions take {100 * conv_share:.0f}% of the time and run at {eff('convolution forward')} "
-                  f"(forward) and {eff('convolution backward')} (input gradient); the Gram matmuls take "
-                  f"{100 * g['Gram matmuls']['share']:.0f}% at {eff('Gram matmuls')} (a C x C output from a long "
-                  f"M = H*W reduction parallelises poorly); everything else (ReLU, pooling, their backward, "
-                  f"losses, Adam: memory-bound) takes {100 * g['other']['share']:.0f}%.", ""]
+                  f"(forward) and {eff('convolution input-gradient')} (input gradient); the Grams and their "
+                  f"backward take {100 * g['Gram and its backward']['share']:.0f}% at "
+                  f"{eff('Gram and its backward')}; the memory-bound rest (pooling/activation "
+                  f"{100 * g['pooling/activation']['share']:.0f}%, losses {100 * g['losses']['share']:.0f}%, "
+                  f"optimizer {100 * g['optimizer']['share']:.0f}%, copies {100 * g['copies']['share']:.0f}%, "
+                  f"other {100 * g['other']['share']:.0f}%) takes {100 * rest:.0f}%.", ""]
     return lines
+
+
+def _time_to_image_section(results: dict) -> list[str]:
+    tti = results.get("time_to_image")
+    if not tti:
+        return []
+    lines = ["## Time to image", "", tti["method"], "", "| render | command | cold (s) | warm (s) |",
+             "| --- | --- | ---: | ---: |"]
+    for render, entry in tti["renders"].items():
+        for cmd, v in entry.items():
+            if v.get("error"):
+                lines.append(f"| {render} | {cmd} | failed: {v['error']} | |")
+            else:
+                lines.append(f"| {render} | {cmd} | {v['cold_s']:.1f} | {v['warm_s']:.1f} |")
+    return lines + [""]
 
 
 def _profile_section(results: dict) -> list[str]:
@@ -117,13 +144,15 @@ def _profile_section(results: dict) -> list[str]:
         return [f"Profile failed: {prof['error']}", ""]
     peak = max(results["peaks_flops"].values())
     lines = [f"## Where the time goes: engine defaults at {prof['size']} px ({prof['clock']}, "
-             f"{prof['steps_profiled']} steps)", "",
+             f"{prof['steps_profiled']} steps, CUDA graph {prof.get('graph', 'n/a')})", "",
+             "Each kernel (CUDA) or operator's own time (CPU) is attributed to the operators that launched it "
+             "(bench/profile.py), not guessed from its name.", "",
              "| group | ms/step | share | achieved TFLOP/s | of best matmul peak |", "| --- | ---: | ---: | ---: | ---: |"]
     for g, v in prof["groups"].items():
         fl = v.get("flops_per_s")
         lines.append(f"| {g} | {v['s_per_step'] * 1e3:.1f} | {100 * v['share']:.0f}% | "
                      f"{'-' if not fl else f'{fl / 1e12:.3f}'} | {'-' if not fl else f'{100 * fl / peak:.0f}%'} |")
-    return lines + ["", "Top operators: " + "; ".join(f"{o['name']} {100 * o['share']:.0f}%"
+    return lines + ["", "Top operators: " + "; ".join(f"{o['name']} ({o['group']}) {100 * o['share']:.0f}%"
                                                        for o in prof["top_ops"][:8]), ""]
 
 
@@ -132,7 +161,7 @@ def markdown(results: dict) -> str:
     lines = _header(results)
     for size, entry in results["sizes"].items():
         lines += _size_section(size, entry)
-    lines += _goals_section(results) + _profile_section(results)
+    lines += _time_to_image_section(results) + _goals_section(results) + _profile_section(results)
     notes = results.get("notes")
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]

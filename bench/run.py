@@ -8,8 +8,10 @@ to ``bench/results/<device>.json`` and ``.md``, with a plot of steps/s against s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import logging
 import tempfile
 from pathlib import Path
@@ -23,13 +25,14 @@ from nst.engine.fsutil import atomic_write_text
 from nst.engine.weights import resolve_weights
 
 from . import flops as flops_mod
-from .goals import check_goals
+from .goals import check_goals, check_time_goals
 from .inputs import drawn_pair
 from .probes import environment, slug
 from .profile import profile_engine
 from .report import results_dir
 from .rows import derive, run_size
 from .settings import BenchSettings
+from .time_to_image import time_to_image
 from .timing import matmul_peak, time_steps
 
 log = logging.getLogger("nst")
@@ -108,6 +111,24 @@ def _profile(device, eager_net, cfg) -> dict:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+@contextlib.contextmanager
+def _fresh_compile_caches(tmp: Path):
+    """Empty inductor and Triton caches for the rows, so that a row's first step is a cold
+    compile whatever earlier runs left on this machine (time to image measures warm too)."""
+    keys = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(tmp / "inductor" / "triton")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run(cfg: BenchSettings) -> dict:
     device = resolve_device(cfg.device)
     gpu = device.type == "cuda"
@@ -125,10 +146,13 @@ def run(cfg: BenchSettings) -> dict:
     eager_net = VGGFeatures(weights)
     results = {"environment": env, "settings": dataclasses.asdict(cfg), "peaks_flops": peaks,
                "flops_formula": flops_mod.__doc__.strip(), "sizes": {}}
-    with tempfile.TemporaryDirectory(prefix="nst-bench-") as tmp:
-        ts_dir, onnx_path = _export_for_rows(cfg, eager_net, Path(tmp))
-        for size in cfg.sizes:
-            results["sizes"][str(size)] = _size_entry(size, device, eager_net, weights, ts_dir, onnx_path, cfg)
+    with tempfile.TemporaryDirectory(prefix="nst-bench-") as tmp, _fresh_compile_caches(Path(tmp)):
+        if cfg.waterfall:
+            ts_dir, onnx_path = _export_for_rows(cfg, eager_net, Path(tmp))
+            for size in cfg.sizes:
+                results["sizes"][str(size)] = _size_entry(size, device, eager_net, weights, ts_dir, onnx_path, cfg)
+        if cfg.time_to_image:
+            results["time_to_image"] = time_to_image(device, weights.state, Path(tmp), cfg.quick)
     if cfg.profile:
         results["profile"] = _profile(device, eager_net, cfg)
     # The peak again, at the end: the larger of the two is used for every fraction.
@@ -138,7 +162,7 @@ def run(cfg: BenchSettings) -> dict:
         peaks[key] = max(before, after)
     for entry in results["sizes"].values():
         derive(entry["rows"], peaks)
-    results["targets"] = check_goals(results, device)
+    results["targets"] = {**check_goals(results, device), **check_time_goals(results, device)}
     return results
 
 

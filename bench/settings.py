@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from nst.engine.errors import NSTError
-from nst.engine.settings import option
+from nst.engine.settings import AUTO_START, MOVE_ON_RHO, option
 
 CPU_SIZES = (128, 256)
 GPU_SIZES = (256, 512, 1024, 2048, 4096)
@@ -35,6 +35,11 @@ class BenchSettings:
     onnx: bool = option(True, help="also time target computation with ONNX Runtime against eager PyTorch")
     profile: bool = option(True, help="profile the engine's default step at the largest size and record where "
                            "the time goes (kernel groups, their share and achieved FLOP/s)")
+    waterfall: bool = option(True, help="time the waterfall's rows at each size (--no-waterfall: only the other "
+                             "sections, e.g. time to image)")
+    time_to_image: bool = option(True, help="also time whole renders from process start to file written, cold and "
+                                 "warm compiler caches, for the engine and the fastest user loop (512 px / 500 steps "
+                                 "and 2048 px / 200 steps on GPUs; 128 px / 30 steps on the CPU)")
     quick: bool = option(False, help="tiny size and few steps: proves the script works end to end, measures nothing")
 
     def __post_init__(self) -> None:
@@ -61,10 +66,14 @@ class QualitySettings:
     """``nst bench-quality``: quality at equal time (bench/quality.py)."""
 
     size: int = option(0, help="final long edge in px (default: 512 on CPU, 2048 on GPU)")
-    budget: float = option(0.0, help="seconds per render (default: 60 on CPU, 30 on GPU)")
+    budget: float = option(0.0, help="seconds per render (default: 60 on CPU, 20 on GPU)")
     scales: str = option("auto", help="scales of the multi-scale render: auto, or long edges like 256,512")
     scale_factor: float = option(2.0, help="growth between the automatic scales of the multi-scale render")
+    scale_start: int = option(AUTO_START, help="the adaptive render's smallest automatic scale (about; the equal split "
+                              "as before starts at 256 px, and with another start a third multi-scale render, the "
+                              "equal split over the adaptive plan's scales, tells the two effects apart)", metavar="PX")
     match_factor: float = option(3.0, help="how many budgets the single-scale matching run may take")
+    move_on: float = option(MOVE_ON_RHO, help="the adaptive plan's --move-on (RHO) for its render", metavar="RHO")
     device: str = option("auto", help="auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     weights: str = option("random:0", help="weights spec", metavar="SPEC")
     content: str | None = option(None, help="content image (default: the demo's drawing)", metavar="FILE")

@@ -58,6 +58,7 @@ class ScalePlan:
     steps_run: int = 0
     first_loss: float | None = None
     final_loss: float | None = None
+    why: str = ""  # why the scale ended (the printed plan shows it)
 
     @property
     def wxh(self) -> str:

@@ -131,3 +131,13 @@ def min_side(taps: tuple[str, ...], network: str = "vgg19") -> int:
     specialise the size-1 case, so the same minimum holds for every artefact.
     """
     return 2 * max(layer_by_name(network)[t].stride for t in taps)
+
+
+def tile_halo(taps, network: str = "vgg19") -> int:
+    """Pixels of context a tile interior needs each side for exact features at ``taps``
+    (engine/tiles.py): each 3x3 convolution at stride s adds s, a 2x2 pooling none (its
+    output block maps onto its input block exactly); rounded up to the deepest tap's
+    stride, so that crops stay on the pooling grid. relu5_1: 70 -> 80."""
+    context = sum(layer.stride for layer in layers_upto(tuple(taps), network) if layer.kind == "conv")
+    stride = deepest(tuple(taps), network).stride
+    return -(-context // stride) * stride

@@ -48,6 +48,9 @@ class StepInfo:
 
 
 Callback = Callable[[StepInfo], None]
+# Called at progress intervals with (steps done, loss): None to go on, or why to stop
+# (the adaptive budget plan's move-on rule, engine/adaptive.py).
+StopRule = Callable[[int, float], "str | None"]
 
 
 def chain(*callbacks: Callback | None) -> Callback | None:
@@ -105,7 +108,8 @@ class _Best:
 
 
 def run(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], settings: StylizeSettings | None = None,
-        extractor=None, init: str | torch.Tensor | None = None, callback: Callback | None = None) -> Result:
+        extractor=None, init: str | torch.Tensor | None = None, callback: Callback | None = None,
+        stop_rule: StopRule | None = None) -> Result:
     """Stylise ``content`` (3, H, W) with ``styles`` [((3, h, w), weight)], values in [0, 1].
 
     ``extractor`` defaults to the one ``settings`` describe (``--extractor`` export dir or
@@ -113,11 +117,13 @@ def run(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], setting
     """
     t_start = time.perf_counter()
     p = prepare(content, styles, settings or StylizeSettings(), extractor, init)
-    return optimize(p, callback, t_start)
+    return optimize(p, callback, t_start, stop_rule)
 
 
-def optimize(p: Prepared, callback: Callback | None = None, t_start: float | None = None) -> Result:
-    """Run the steps of a prepared render; ``settings.time_limit`` counts from ``t_start``."""
+def optimize(p: Prepared, callback: Callback | None = None, t_start: float | None = None,
+             stop_rule: StopRule | None = None) -> Result:
+    """Run the steps of a prepared render; ``settings.time_limit`` counts from ``t_start``;
+    ``stop_rule`` may end it early at a progress interval."""
     s, stepper, x = p.settings, p.stepper, p.x
     t_start = time.perf_counter() if t_start is None else t_start
     stats = _new_stats(p)
@@ -153,6 +159,11 @@ def optimize(p: Prepared, callback: Callback | None = None, t_start: float | Non
                 best.offer(losses[0], i, best.snap)
             if callback is not None:
                 callback(StepInfo(done, s.steps, losses, done / max(time.perf_counter() - t0, 1e-9), x))
+            if losses is not None and stop_rule is not None:
+                why = stop_rule(i, losses[0])  # the loss after i steps (this step evaluated it)
+                if why:
+                    stats.stopped, stats.stop_reason = "moved-on", why
+                    break
     except KeyboardInterrupt:
         stats.stopped = "interrupted"
     sync(x.device)
@@ -166,8 +177,8 @@ def _new_stats(p: Prepared) -> RunStats:
         steps_planned=p.settings.steps, size=p.out_hw, device=plan.device, precision=plan.precision, path=plan.path,
         memory_format=plan.memory_format, cuda_graph=plan.cuda_graph, optimizer=p.settings.optimizer,
         float32_math=plan.float32_math or "",
-        weights=str(p.weights_info.get("source", "")), checkpointing=mem.checkpoint,
-        memory_estimate_bytes=mem.checkpointed_bytes if mem.checkpoint else mem.estimate_bytes,
+        weights=str(p.weights_info.get("source", "")), checkpointing=mem.checkpoint, tile=mem.tile or 0,
+        memory_estimate_bytes=mem.bytes,
     )
 
 

@@ -26,32 +26,16 @@ from __future__ import annotations
 
 import torch
 
+from .gram_op import gram_mc
+
 
 def _no_autocast(t: torch.Tensor):
     return torch.autocast(t.device.type, enabled=False)
 
 
-class _GramMC(torch.autograd.Function):
-    """G = T^T T for T of shape (M, C), with a backward of one matmul.
-
-    Autograd through ``t.t() @ t`` runs two (M, C) x (C, C) products, one per operand;
-    since both operands are T, dT = T (dG + dG^T) needs only one: half the backward's
-    FLOPs (it measured faster on the CPU; bench/results/ has the step timings).
-    """
-
-    @staticmethod
-    def forward(ctx, t):  # t: (M, C)
-        ctx.save_for_backward(t)
-        return t.t() @ t  # (C, C)
-
-    @staticmethod
-    def backward(ctx, g):  # g: (C, C)
-        (t,) = ctx.saved_tensors
-        return t @ (g + g.t())  # (M, C), the layout of t
-
-
 def gram(f: torch.Tensor) -> torch.Tensor:
-    """Normalised Gram matrix in float32. f: (N, C, H, W) -> (N, C, C)."""
+    """Normalised Gram matrix, float32 (float64 for float64 features, one image).
+    f: (N, C, H, W) -> (N, C, C)."""
     n, c, h, w = f.shape
     with _no_autocast(f):
         if n == 1:
@@ -59,8 +43,10 @@ def gram(f: torch.Tensor) -> torch.Tensor:
             # way. Channels-last memory is (N, H, W, C), so the view is free; for NCHW it is a
             # transposed view, which the matmul reads without a copy. (A batched bmm, or
             # indexing [0], measured slower in the backward on the CPU.)
-            t = f.permute(0, 2, 3, 1).reshape(h * w, c).float()  # (M, C)
-            g = _GramMC.apply(t).unsqueeze(0)  # (1, C, C)
+            # The product runs in nst::gram_mc (engine/gram_op.py): bf16 operands with float32
+            # accumulation on CUDA, an upcast elsewhere; its backward is one matmul.
+            t = f.permute(0, 2, 3, 1).reshape(h * w, c)  # (M, C), the features' own dtype
+            g = gram_mc(t).unsqueeze(0)  # (1, C, C) float32
         else:
             fm = f.reshape(n, c, h * w).float()  # (N, C, M)
             g = torch.bmm(fm, fm.transpose(1, 2))  # (N, C, C)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import InputError
-from .layers import layer_by_name, layers_upto
+from .layers import layer_by_name, layers_upto, tile_halo
 from .sizes import wxh
 
 GiB = 1024**3
@@ -37,10 +37,19 @@ class MemoryPlan:
     available_bytes: int | None
     checkpoint: bool
     device: str
+    tile: int | None = None  # exact tiled steps with tiles of this many px (engine/tiles.py)
+    tiled_bytes: int = 0  # the estimate with those tiles
+
+    @property
+    def bytes(self) -> int:
+        """The estimate of the execution chosen."""
+        return self.tiled_bytes if self.tile else (self.checkpointed_bytes if self.checkpoint else self.estimate_bytes)
 
     def describe(self) -> str:
         avail = "unknown" if self.available_bytes is None else f"{self.available_bytes / GiB:.2f} GiB"
         mode = "activation checkpointing" if self.checkpoint else "plain"
+        if self.tile:
+            mode = f"exact tiled steps, {self.tile} px tiles ({self.tiled_bytes / GiB:.2f} GiB)"
         return (f"memory plan for {wxh(self.size)}: estimated peak {self.estimate_bytes / GiB:.2f} GiB "
                 f"plain, {self.checkpointed_bytes / GiB:.2f} GiB checkpointed; available {avail}; using {mode}")
 
@@ -95,6 +104,22 @@ def estimate_step_bytes(h: int, w: int, taps: tuple[str, ...], network: str = "v
     return b["resident"] + b["step"]
 
 
+TILE_SIZES = (2048, 1024, 512, 256, 128, 64)  # tried largest first when only tiles fit
+
+
+def estimate_tiled_bytes(h: int, w: int, tile: int, taps: tuple[str, ...], network: str = "vgg19",
+                         act_bytes: int = 4, pool: str = "max", n_content: int = 1) -> int:
+    """A tiled step (engine/tiles.py): what stays whole (weights, image, Adam state, content
+    target; plus the gradient being summed and TV's copy of the image) and one crop's step."""
+    halo = tile_halo(taps, network)
+    stride = max(layer_by_name(network)[t].stride for t in taps)
+    t = -(-tile // stride) * stride
+    ch, cw = min(h, t + 2 * halo), min(w, t + 2 * halo)
+    whole = estimate_breakdown(h, w, taps, network, act_bytes, pool, False, n_content)["resident"]
+    crop = estimate_breakdown(ch, cw, taps, network, act_bytes, pool, False, n_content)["step"]
+    return int(whole + crop + 3 * h * w * 4 * 2)
+
+
 def forward_bytes(h: int, w: int, taps: tuple[str, ...], network: str = "vgg19", act_bytes: int = 4) -> int:
     """Peak bytes of one forward pass without gradients (a style image's targets): the
     input, the largest activation and the next one beside it, and the taps kept."""
@@ -123,25 +148,46 @@ def available_bytes(device: str) -> int | None:
 
 
 def plan_memory(h: int, w: int, taps, network: str, act_bytes: int, pool: str, device: str, mode: str = "auto",
-                limit_gib: float | None = None, can_checkpoint: bool = True, style_hws=()) -> MemoryPlan:
-    """Decide plain vs checkpointed execution, or refuse with the largest size that fits.
+                limit_gib: float | None = None, can_checkpoint: bool = True, style_hws=(),
+                tile: int | None = None) -> MemoryPlan:
+    """Decide plain, checkpointed or tiled execution, or refuse with the largest size that fits.
 
     ``mode``: auto (checkpoint only when the plain step would not fit), on, off.
     ``limit_gib`` replaces the measured free memory (for tests and shared machines).
     ``style_hws``: the style images' sizes, whose features are computed once; one larger
     than the output whose forward pass would not fit is refused here, before it is resized.
+    ``tile``: tiled steps asked for (--tile); without it, tiles are chosen (the largest of
+    TILE_SIZES that fits) when neither the plain nor (where allowed) the checkpointed step fits.
     """
     plain = estimate_step_bytes(h, w, taps, network, act_bytes, pool, checkpoint=False)
     ckpt = estimate_step_bytes(h, w, taps, network, act_bytes, pool, checkpoint=True)
     avail = int(limit_gib * GiB) if limit_gib is not None else available_bytes(device)
     budget = None if avail is None else int(avail * 0.9)  # keep 10% for the allocator and the rest
+    def tiled(t: int) -> MemoryPlan:
+        return MemoryPlan((h, w), plain, ckpt, avail, False, device, t,
+                          estimate_tiled_bytes(h, w, t, taps, network, act_bytes, pool))
+
+    if tile is not None:
+        planned = tiled(tile)
+        if budget is not None and planned.tiled_bytes > budget:
+            raise InputError(f"{wxh((h, w))} with --tile {tile} needs about {planned.tiled_bytes / GiB:.2f} GiB, more "
+                             f"than the {budget / GiB:.2f} GiB available on {device}: try a smaller --tile")
+        return planned
     checkpoint = mode == "on"
     if budget is not None and mode != "on" and plain > budget:
         checkpoint = mode == "auto" and can_checkpoint
     need = ckpt if checkpoint else plain
+    if budget is not None and need > budget and mode != "on":
+        for t in TILE_SIZES:
+            if t < max(h, w) and estimate_tiled_bytes(h, w, t, taps, network, act_bytes, pool) <= budget:
+                return tiled(t)
     if budget is not None and need > budget:
-        fits = largest_fitting(h, w, taps, network, act_bytes, pool, budget, checkpoint or (mode == "auto" and can_checkpoint))
+        fits = largest_fitting(h, w, taps, network, act_bytes, pool, budget,
+                               checkpoint or (mode == "auto" and can_checkpoint), tiles=mode != "on")
         how = " even with activation checkpointing" if checkpoint else ""
+        if mode != "on":
+            how += " or exact tiles" if checkpoint else " even with exact tiles"
+            need = min(need, estimate_tiled_bytes(h, w, TILE_SIZES[-1], taps, network, act_bytes, pool))
         hint = f"; the largest that fits is about {wxh(fits)} (--size {max(fits)})" if fits else ""
         raise InputError(
             f"{wxh((h, w))} needs about {need / GiB:.2f} GiB per step{how}, more than the {budget / GiB:.2f} GiB "
@@ -157,16 +203,22 @@ def plan_memory(h: int, w: int, taps, network: str, act_bytes: int, pool: str, d
     return MemoryPlan((h, w), plain, ckpt, avail, checkpoint, device)
 
 
-def largest_fitting(h, w, taps, network, act_bytes, pool, budget, checkpoint) -> tuple[int, int] | None:
-    """The largest size with the same aspect ratio whose estimate fits ``budget``."""
+def largest_fitting(h, w, taps, network, act_bytes, pool, budget, checkpoint, tiles: bool = False
+                    ) -> tuple[int, int] | None:
+    """The largest size with the same aspect ratio whose estimate fits ``budget`` (with
+    ``tiles``, the smallest tiles count too)."""
+    def need(hh, ww):
+        plain = estimate_step_bytes(hh, ww, taps, network, act_bytes, pool, checkpoint)
+        return min(plain, estimate_tiled_bytes(hh, ww, TILE_SIZES[-1], taps, network, act_bytes, pool)) if tiles \
+            else plain
+
     lo, hi = 0.0, 1.0
-    if estimate_step_bytes(max(1, round(h * 0.01)), max(1, round(w * 0.01)), taps, network, act_bytes, pool,
-                           checkpoint) > budget:
+    if need(max(1, round(h * 0.01)), max(1, round(w * 0.01))) > budget:
         return None
     for _ in range(30):
         mid = (lo + hi) / 2
         hh, ww = max(1, round(h * mid)), max(1, round(w * mid))
-        if estimate_step_bytes(hh, ww, taps, network, act_bytes, pool, checkpoint) <= budget:
+        if need(hh, ww) <= budget:
             lo = mid
         else:
             hi = mid

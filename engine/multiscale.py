@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from .adaptive import (FINAL_MIN_SHARE, MoveOnRule, coarse_limit, move_on_threshold, progress_interval,
+                       worth_running)
 from .budget import ScaleCost, ScalePlan, allocate, budget_margin, calibrate, replan
 from .errors import NonFiniteLossError
 from .imageio import resize_to
@@ -43,6 +45,8 @@ def plan_scales(content, styles, settings: StylizeSettings, extractor, t_start: 
                 for s in sizes]
     reserve = budget_margin(budget) + finish_s
     plans = calibrate(content, styles, settings, extractor, sizes, budget, t_start, reserve)
+    if adaptive_plan(settings):
+        plans = worth_running(plans)
     allocate(plans, budget - (time.perf_counter() - t_start) - reserve)
     for sc in plans:
         sc.initial_steps, sc.initial_planned_s = sc.steps, sc.planned_s
@@ -68,18 +72,15 @@ def render(content, styles, settings: StylizeSettings, extractor=None, init=None
     if on_plan is not None:
         on_plan(plans)
     image, result, steps_before = init, None, 0
+    pacer = _Pacer(plans, settings, t_start, finish_s)
     for k, scale in enumerate(plans):
         t0 = time.perf_counter()
-        limit = settings.time_limit
-        if settings.time_budget is not None:
-            end = settings.time_budget - budget_margin(settings.time_budget) - finish_s
-            limit = replan(plans, k, t0 - t_start, end)
-        s_k = settings.at_scale(tuple(content.shape[-2:]), scale.size, steps=scale.steps, time_budget=None,
-                                time_limit=limit)
+        s_k, rule = pacer.scale_settings(k, content, t0)
         if image is not None and k > 0:
             image = resize_to(image, scale.hw)  # upsample the previous scale's result
         try:
-            result = run(content, styles, s_k, extractor=extractor, init=image, callback=_offset(callback, steps_before))
+            result = run(content, styles, s_k, extractor=extractor, init=image,
+                         callback=_offset(callback, steps_before), stop_rule=rule)
         except NonFiniteLossError as e:
             if e.result is not None:
                 e.result.image = resize_to(e.result.image, plans[-1].hw)
@@ -87,10 +88,68 @@ def render(content, styles, settings: StylizeSettings, extractor=None, init=None
         st = result.stats
         scale.actual_s, scale.steps_run = time.perf_counter() - t0, st.steps_run
         scale.first_loss, scale.final_loss = (st.loss[0] if st.loss else None), st.final_loss
+        scale.why = _why(st, k == len(plans) - 1, settings.time_budget is not None)
         image, steps_before = result.image, steps_before + result.stats.steps_run
         if result.stats.stopped == "interrupted":
             break
     return _finish(result, plans, settings, t_start)
+
+
+class _Pacer:
+    """Each scale's settings and stop rule: its steps, time limit and progress interval
+    under the budget's plan (equal: engine/budget.py's ``replan``; adaptive: a move-on rule
+    and a cap that keeps the later scales' share, engine/adaptive.py)."""
+
+    def __init__(self, plans: list[ScalePlan], settings: StylizeSettings, t_start: float, finish_s: float):
+        self.plans, self.settings, self.t_start = plans, settings, t_start
+        budget = settings.time_budget
+        # With a learning-rate schedule the step count fixes the schedule's length: the fixed
+        # split keeps it; the adaptive plan's rule and deadline-run need a constant rate.
+        self.to_deadline = adaptive_plan(settings)
+        self.adaptive = self.to_deadline and len(plans) > 1
+        self.end = None if budget is None else budget - budget_margin(budget) - finish_s
+        if self.adaptive:
+            # The final scale's guaranteed minimum, from the optimisation time the plan had.
+            self.final_min_s = FINAL_MIN_SHARE * sum(sc.initial_planned_s for sc in plans)
+
+    def scale_settings(self, k: int, content, now: float):
+        plans, settings = self.plans, self.settings
+        scale, last = plans[k], k == len(plans) - 1
+        limit, rule, every = settings.time_limit, None, settings.progress_every
+        if self.end is not None:
+            limit = replan(plans, k, now - self.t_start, self.end)
+        if self.to_deadline and last:
+            # The final scale runs to the deadline, not to a step count predicted from the
+            # calibration (steps often run faster than the calibrated one): room for twice
+            # as many steps, the time limit ends it.
+            scale.steps = 2 * scale.steps + 16
+        if self.adaptive and not last:
+            limit = coarse_limit(plans, k, now - self.t_start, self.end, self.final_min_s)
+            every = progress_interval(scale.initial_steps, settings.progress_every)
+            scale.steps = scale.cost.steps_within(limit)
+            scale.planned_s = scale.cost.seconds(scale.steps)
+            rule = MoveOnRule(move_on_threshold(settings.move_on, scale, plans[k + 1])).observe
+        s_k = settings.at_scale(tuple(content.shape[-2:]), scale.size, steps=scale.steps, time_budget=None,
+                                time_limit=limit, progress_every=every)
+        return s_k, rule
+
+
+def adaptive_plan(settings: StylizeSettings) -> bool:
+    """Whether a render runs the adaptive budget plan: a budget, --budget-plan adaptive and
+    a constant learning rate (a schedule's length is its step count: the fixed split keeps it)."""
+    return (settings.time_budget is not None and settings.budget_plan == "adaptive"
+            and settings.lr_schedule == "constant")
+
+
+def _why(st, last: bool, budgeted: bool) -> str:
+    """Why a scale ended, for the printed plan."""
+    if st.stopped == "moved-on":
+        return st.stop_reason
+    if st.stopped == "time-limit":
+        return "the budget's end" if last else "its share of the budget"
+    if st.stopped:
+        return st.stopped
+    return "all planned steps" if budgeted or not last else "all steps"
 
 
 def _finish(result: Result, plans: list[ScalePlan], settings: StylizeSettings, t_start: float) -> Result:
@@ -100,11 +159,13 @@ def _finish(result: Result, plans: list[ScalePlan], settings: StylizeSettings, t
          "steps_replanned": sc.steps, "steps_run": sc.steps_run, "planned_s": sc.initial_planned_s or sc.planned_s,
          "actual_s": sc.actual_s, "step_s_calibrated": sc.cost.step_s, "setup_s_calibrated": sc.cost.setup_s,
          "warmup_s_calibrated": sc.cost.warmup_s, "first_loss": sc.first_loss,
-         "final_loss": sc.final_loss} for sc in ran]
+         "final_loss": sc.final_loss, "why": sc.why} for sc in ran]
     if tuple(result.image.shape[-2:]) != plans[-1].hw:
         result.image = resize_to(result.image, plans[-1].hw)  # interrupted early: still the size asked for
     if (settings.time_budget is not None and result.stats.stopped == "time-limit"
-            and result.stats.steps_run >= plans[-1].steps):
-        result.stats.stopped = None  # the planned steps all ran: the guard did not cut anything
+            and (adaptive_plan(settings) or result.stats.steps_run >= plans[-1].steps)):
+        # The planned steps all ran (the guard did not cut anything), or, adaptive, the final
+        # scale ran to the budget's end as planned.
+        result.stats.stopped = None
     result.stats.total_s = time.perf_counter() - t_start
     return result

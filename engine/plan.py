@@ -1,7 +1,8 @@
 """The plan of a render: what the loop will actually run on this machine.
 
 Resolved once from the settings and the machine: device, precision, memory format,
-whether the Adam step is captured in a CUDA graph, and which path (fast or reference).
+whether the Adam step is captured in a CUDA graph, whether the objective is compiled, and
+which path (fast or reference; the reference is never compiled).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Plan:
     channels_last: bool
     cuda_graph: bool
     path: str  # "fast" | "reference"
+    compile: bool = False  # the objective under torch.compile (engine/objective.py)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -57,11 +59,12 @@ def resolve_plan(settings: StylizeSettings) -> Plan:
     if device == "cpu":
         if prec in ("bf16", "fp16", "tf32"):
             raise InputError(f"--precision {prec} needs a CUDA GPU; on the CPU the engine runs float32")
-        return Plan("cpu", "fp32", channels_last, False, "fast")
+        return Plan("cpu", "fp32", channels_last, False, "fast", settings.compile)
     bf16_ok = torch.cuda.is_bf16_supported()
     if prec == "auto":
         prec = "bf16" if bf16_ok else "fp32"
     if prec == "bf16" and not bf16_ok:
         raise InputError("--precision bf16: this GPU does not support bfloat16; use fp16 or fp32")
-    graph = settings.cuda_graph and settings.optimizer == "adam"
-    return Plan("cuda", prec, channels_last, graph, "fast")
+    # A tiled step loops over crops of several shapes in Python: not one graph.
+    graph = settings.cuda_graph and settings.optimizer == "adam" and settings.tile is None
+    return Plan("cuda", prec, channels_last, graph, "fast", settings.compile)

@@ -11,6 +11,7 @@ does not).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ from .settings import StylizeSettings
 from .sizes import fit_long_edge, wxh
 from .steppers import Stepper, make_stepper
 from .targets import Targets, compute_targets
+from .layers import deepest, tile_halo
+from .tiles import TiledObjective, make_tiles
 
 log = logging.getLogger("nst")
 
@@ -40,7 +43,7 @@ class Prepared:
     settings: StylizeSettings
     plan: Plan
     stepper: Stepper  # .step() -> (4,) losses of the image it evaluated
-    objective: Objective
+    objective: Objective  # or a TiledObjective (engine/tiles.py), with the same call contract
     x: torch.Tensor  # (1, 3, H, W) float32, the optimised image
     targets: Targets
     content_img: torch.Tensor  # (1, 3, H, W) on the device
@@ -132,10 +135,15 @@ def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], set
     if settings.checkpointing == "on" and not can_ckpt:
         raise InputError("--checkpointing on needs the eager extractor; a TorchScript extractor cannot recompute blocks")
     mem = plan_memory(*out_hw, settings.taps(), settings.network, plan.act_bytes, settings.pool, plan.device,
-                      settings.checkpointing, settings.memory_limit, can_ckpt, style_hws)
+                      settings.checkpointing, settings.memory_limit, can_ckpt, style_hws, tile=settings.tile)
+    if mem.tile and len(make_tiles(out_hw, mem.tile, tile_halo(settings.taps(), settings.network),
+                                   deepest(settings.taps(), settings.network).stride)) == 1:
+        mem.tile = None  # one tile would be the plain step with a second forward: run plain
     log.debug("%s", mem.describe())
-    if mem.checkpoint:
+    if mem.checkpoint or mem.tile:
         log.info("%s", mem.describe())
+    if mem.tile and (plan.cuda_graph or plan.compile):
+        plan = dataclasses.replace(plan, cuda_graph=False, compile=False)  # a tiled step is a Python loop
     content_img = resize_to(content.float(), out_hw).unsqueeze(0).to(device)  # (1, 3, H, W)
     style_imgs = [(resize_to(img.float(), hw).unsqueeze(0).to(device), float(w))
                   for (img, w), hw in zip(styles, style_hws)]
@@ -145,7 +153,7 @@ def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], set
     content_layers, style_layers = settings.layer_weights()
     with float32_math(plan.float32_math):
         targets = compute_targets(ref_net, content_img, style_imgs, content_layers, style_layers, settings.gram_norm,
-                                  settings.content_norm)
+                                  settings.content_norm, tile=mem.tile, network=settings.network)
     net = place_network(ref_net, device, plan.channels_last, mem.checkpoint, owned=ours or ref_net is not extractor)
 
     x = init_image(init if init is not None else settings.init, content_img, style_imgs, settings.seed)
@@ -155,5 +163,8 @@ def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], set
         x = x.contiguous(memory_format=torch.channels_last)
     x = x.detach().requires_grad_(True)  # (1, 3, H, W) float32, the only thing optimised
     objective = Objective(net, targets, settings, plan)
+    if mem.tile:
+        scale = settings.loss_scale if plan.precision == "fp16" else None
+        objective = TiledObjective(objective, mem.tile, settings.network, scale)
     stepper = make_stepper(objective, x, settings, plan)
     return Prepared(settings, plan, stepper, objective, x, targets, content_img, out_hw, weights_info, mem)

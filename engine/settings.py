@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InputError
-from .layers import IMAGENET_STD, NETWORKS, POOLS, parse_layer_weights
+from .layers import IMAGENET_STD, NETWORKS, POOLS, min_side, parse_layer_weights
 from .norms import CONTENT_NORMS, GRAM_NORMS
 from .sizes import fit_long_edge, parse_wxh
 
@@ -30,11 +30,14 @@ MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 DEFAULT_LR = {"adam": 0.02, "lbfgs": 1.0}
 LR_SCHEDULES = ("constant", "step", "cosine")
 LR_UNITS = ("pixel", "imagenet")
+BUDGET_PLANS = ("adaptive", "equal")
 # Mean of torchvision's ImageNet std: one step of size lr in normalised units moves a
 # [0, 1] pixel by about lr * 0.226 (per channel within 1.3%).
 IMAGENET_STD_MEAN = sum(IMAGENET_STD) / len(IMAGENET_STD)
-AUTO_START = 256  # the smallest automatic scale of --scales auto (long edge, px)
+AUTO_START = 256  # the default smallest automatic scale of --scales auto (long edge, px); bench/results/quality-*
+MOVE_ON_RHO = 0.015  # the adaptive plan's rho (engine/adaptive.py); tuned in bench/results/quality-tuning-cpu-512.md
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes
+MAX_AUTO_SCALES = 24  # --scales auto: more means a scale factor or start that cannot be meant
 MAX_LOSS_WEIGHT = 1e30  # a weight times a loss must stay far below float32's 3.4e38
 
 
@@ -109,8 +112,16 @@ class StylizeSettings:
     reference: bool = option(False, help="force the plain float32 NCHW eager reference path (no fast path)",
                              loop_only=True)
     cuda_graph: bool = option(True, help="on CUDA with Adam, capture the whole step in a CUDA graph", loop_only=True)
+    compile: bool = option(False, help="compile the objective (network, Grams, losses) with torch.compile, static "
+                           "shapes, one compile per size; with --cuda-graph the compiled step is then captured. The first "
+                           "run at a size compiles (seconds to a minute); later runs reuse inductor's on-disk cache. Off "
+                           "by default: on the CPU it measured no faster (bench/results/)", loop_only=True)
     loss_scale: float = option(1024.0, help="static loss scale for fp16 (gradients are unscaled before the update)",
                                loop_only=True)
+    tile: int | None = option(None, help="exact tiled steps: tile interiors of about PX (a multiple of 16), each "
+                              "computed from a crop with its halo; loss and gradient equal the untiled ones; the memory "
+                              "plan picks a tile itself when a step would not fit otherwise", metavar="PX",
+                              loop_only=True)
     checkpointing: str = option(
         "auto", help="activation checkpointing over the VGG blocks: auto = only when the memory plan says a plain "
         "step would not fit", choices=("auto", "on", "off"), loop_only=True)
@@ -120,12 +131,22 @@ class StylizeSettings:
                                  loop_only=True)
     time_limit: float | None = option(None, help="stop after this many seconds and keep the best image so far",
                                       metavar="SECONDS", loop_only=True)
-    scales: str | None = option(None, help="multi-scale: 'auto' (from about 256 px up to --size by --scale-factor) "
+    scales: str | None = option(None, help="multi-scale: 'auto' (from about --scale-start px up to --size by --scale-factor) "
                                 "or long edges like 256,512,1024; --steps is per scale", metavar="SCALES",
                                 loop_only=True)
     scale_factor: float = option(2**0.5, help="growth between automatic scales", loop_only=True)
+    scale_start: int = option(AUTO_START, help="long edge of the smallest automatic scale (about; --scales auto)",
+                              metavar="PX", loop_only=True)
     time_budget: float | None = option(None, help="finish, image written, within this many seconds: calibrate the "
                                        "step time per scale, then plan the steps", metavar="SECONDS", loop_only=True)
+    budget_plan: str = option("equal", help="how a --time-budget is spent over the scales: equal (half to the "
+                              "final scale, the rest evenly) or adaptive (a coarse scale moves on when its loss stops "
+                              "falling faster than the next scale is expected to; the final scale runs to the "
+                              "deadline; not better on the CPU measured, bench/results/quality-cpu-512.md)",
+                              choices=BUDGET_PLANS, loop_only=True)
+    move_on: float = option(MOVE_ON_RHO, help="adaptive plan: the fraction of its loss the next scale is expected "
+                            "to remove per step; a coarse scale moves on when its own fraction per step falls under "
+                            "RHO / (the next scale's step time / this one's)", metavar="RHO", loop_only=True)
 
     def __post_init__(self) -> None:
         self._check_numbers()
@@ -157,12 +178,18 @@ class StylizeSettings:
             raise InputError(f"--lr-decay-every must be at least 1, got {self.lr_decay_every}")
         if not 0 < self.lr_gamma <= 1:
             raise InputError(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
+        if self.tile is not None and self.tile < 1:
+            raise InputError(f"--tile must be a positive number of pixels, got {self.tile}")
         if self.lbfgs_history < 1:
             raise InputError("--lbfgs-history must be at least 1")
         if self.progress_every < 1:
             raise InputError("--progress-every must be at least 1")
         if not self.scale_factor > 1:
             raise InputError(f"--scale-factor must be above 1, got {self.scale_factor}")
+        if self.scale_start < 1:
+            raise InputError(f"--scale-start must be positive, got {self.scale_start}")
+        if not 0 < self.move_on < 1:
+            raise InputError(f"--move-on is a fraction of the loss per step, in (0, 1); got {self.move_on}")
 
     def _check_combinations(self) -> None:
         if self.lr_units == "imagenet" and self.optimizer == "lbfgs":
@@ -172,6 +199,12 @@ class StylizeSettings:
         if self.extractor is not None and self.weights != "imagenet":
             raise InputError("--extractor and --weights both choose the network (an export carries its own weights): "
                              "give one of them")
+        if self.tile is not None and self.compile:
+            raise InputError("--compile does not apply to tiled steps (--tile): each crop has its own shape")
+        if self.tile is not None and self.checkpointing == "on":
+            raise InputError("--tile and --checkpointing on are two ways to save memory: choose one")
+        if self.reference and self.compile:
+            raise InputError("--reference runs the plain eager loop; it cannot be combined with --compile")
         if self.reference and self.memory_format == "channels_last":
             raise InputError("--reference runs NCHW; it cannot be combined with --memory-format channels_last")
 
@@ -226,12 +259,19 @@ class StylizeSettings:
         if not spec:
             return [size]
         if spec == "auto":
-            start = min(AUTO_START, size)
+            floor = min_side(self.taps(), self.network)
+            if self.scale_start < floor:
+                raise InputError(f"--scale-start {self.scale_start} is below the network's smallest input side "
+                                 f"({floor} px for these layers)")
+            start = min(self.scale_start, size)
             sizes = [size]
             s = size / self.scale_factor
-            while s >= start * 0.95:  # allow a first scale slightly under 256 rather than skip it
+            while s >= start * 0.95:  # allow a first scale slightly under the start rather than skip it
                 sizes.append(round(s))
                 s /= self.scale_factor
+                if len(sizes) > MAX_AUTO_SCALES:
+                    raise InputError(f"--scales auto would make more than {MAX_AUTO_SCALES} scales: raise "
+                                     "--scale-factor or --scale-start")
             return sorted(set(sizes))
         try:
             sizes = [int(v) for v in spec.split(",") if v.strip()]

@@ -19,7 +19,8 @@ class RunStats:
     tv: list[float] = field(default_factory=list)
     final_loss: float = float("nan")  # loss of the returned image
     image_from_step: int = 0  # how many steps had been applied to the returned image
-    stopped: str | None = None  # None (all steps ran), "time-limit", "interrupted", "non-finite"
+    stopped: str | None = None  # None (all steps ran), "time-limit", "interrupted", "non-finite", "moved-on"
+    stop_reason: str = ""  # "moved-on": why the adaptive budget plan ended this scale (engine/adaptive.py)
     setup_s: float = 0.0  # targets (and everything else before the first step)
     loop_s: float = 0.0  # wall time of the steps, synchronised
     capture_s: float = 0.0  # CUDA graph capture, included in loop_s
@@ -32,6 +33,7 @@ class RunStats:
     memory_format: str = ""
     cuda_graph: bool = False
     checkpointing: bool = False
+    tile: int = 0  # exact tiled steps: the tile size in px (0: untiled)
     memory_estimate_bytes: int = 0
     scales: list = field(default_factory=list)  # multi-scale: per-scale plan and outcome
     total_s: float = 0.0  # from the start of the render (or of the budget's clock) to the result

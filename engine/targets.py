@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
+from .layers import layer_by_name
 from .losses import gram
+from .tiles import tiled_features
 from .norms import content_norm_factor, style_norm_factor
 
 
@@ -63,13 +65,16 @@ def compute_targets(
     style_layers: tuple[tuple[str, float], ...],
     gram_norm: str = "chw",
     content_norm: str = "mean",
+    tile: int | None = None,
+    network: str = "vgg19",
 ) -> Targets:
     """Run the extractor once on the content image and once per style image.
 
     content: (1, 3, H, W); styles: [(image (1, 3, h, w), weight)], weights >= 0, not all 0.
     Style Grams blend as sum_k (w_k / sum w) * G_k, so weights are relative. The
     normalisation factors use the feature shapes at the content image's size, which is
-    the size the loop optimises.
+    the size the loop optimises. With ``tile`` the features are computed tile by tile
+    (engine/tiles.py), the same values in a crop's memory.
     """
     taps = list(extractor.taps)
     missing = [n for n, _ in content_layers + style_layers if n not in taps]
@@ -77,17 +82,29 @@ def compute_targets(
         raise InputError(f"the extractor does not output layer {missing[0]} (it has {', '.join(taps)})")
     blend = style_blend(w for _, w in styles)
 
-    feats = extractor(content.float())
-    content_feats = [feats[taps.index(n)].float().clone() for n, _ in content_layers]
-    shapes = {n: tuple(feats[taps.index(n)].shape[1:]) for n, _ in content_layers + style_layers}  # (C, H, W)
+    if tile is None:
+        feats = extractor(content.float())
+        content_feats = [feats[taps.index(n)].float().clone() for n, _ in content_layers]
+        shapes = {n: tuple(feats[taps.index(n)].shape[1:]) for n, _ in content_layers + style_layers}  # (C, H, W)
+    else:
+        maps, _ = tiled_features(extractor, content.float(), tile, network, maps=[n for n, _ in content_layers])
+        content_feats = [maps[n] for n, _ in content_layers]
+        strides = {n: layer_by_name(network)[n] for n, _ in content_layers + style_layers}
+        shapes = {n: (s.out_channels, content.shape[-2] // s.stride, content.shape[-1] // s.stride)
+                  for n, s in strides.items()}
     content_factors = tuple(w * content_norm_factor(content_norm, shapes[n][0], shapes[n][1] * shapes[n][2])
                             for n, w in content_layers)
     style_factors = tuple(w * style_norm_factor(gram_norm, shapes[n][0], shapes[n][1] * shapes[n][2])
                           for n, w in style_layers)
     grams = [None] * len(style_layers)
     for (img, _), share in zip(styles, blend):
-        feats = extractor(img.float())
-        for i, (name, _) in enumerate(style_layers):
-            g = gram(feats[taps.index(name)]) * share  # (1, C, C)
+        if tile is None:
+            feats = extractor(img.float())
+            image_grams = [gram(feats[taps.index(name)]) for name, _ in style_layers]
+        else:
+            _, by_name = tiled_features(extractor, img.float(), tile, network, grams=[n for n, _ in style_layers])
+            image_grams = [by_name[name] for name, _ in style_layers]
+        for i, g in enumerate(image_grams):
+            g = g * share  # (1, C, C)
             grams[i] = g if grams[i] is None else grams[i] + g
     return Targets(content_layers, style_layers, content_feats, grams, blend, content_factors, style_factors)

@@ -17,7 +17,7 @@ from nst.engine.fsutil import OutputError, atomic_write_text, write_target
 from nst.engine.imageio import (GIF_LONG_EDGE, check_gif_path, check_output_path, gif_frame,
                                 predict_save_s, save_gif, save_image)
 from nst.engine.loop import StepInfo, chain
-from nst.engine.multiscale import render
+from nst.engine.multiscale import adaptive_plan, render
 from nst.engine.progress import progress_bar
 from nst.engine.signals import deferred, stop_signal
 from nst.engine.sizes import fit_long_edge
@@ -62,8 +62,17 @@ def show_plan(settings, finish_s: float):
         if settings.time_budget is None:
             print("scales: " + ", ".join(f"{sc.wxh} ({sc.steps} steps)" for sc in plans))
             return
+        if len(settings.scale_sizes()) == 1:
+            how = "one scale"
+        elif not adaptive_plan(settings):
+            how = "equal split" + (" (an --lr-schedule keeps its step count)" if settings.budget_plan == "adaptive"
+                                   else "")
+        elif len(plans) > 1:
+            how = "adaptive: a coarse scale may move on sooner, and its time goes to the finer ones"
+        else:
+            how = "adaptive: the coarser scales were dropped (not 1.5x cheaper per step, or not affordable)"
         print(f"plan for a {settings.time_budget:g} s budget (calibrated; {finish_s:.1f} s kept for writing the image, "
-              f"{budget_margin(settings.time_budget):.1f} s spare for timing noise):")
+              f"{budget_margin(settings.time_budget):.1f} s spare for timing noise; {how}):")
         for i, sc in enumerate(plans, 1):
             print(f"  scale {i}: {sc.wxh}  {sc.step_s * 1e3:8.1f} ms/step  {sc.steps:5d} steps  "
                   f"{sc.planned_s:6.1f} s planned (setup and warm-up {sc.cost.setup_s + sc.cost.warmup_s:.1f} s)")
@@ -110,7 +119,7 @@ def _report(result, settings, out: Path, t_start: float) -> int:
         print(f"planned against actual ({total:.1f} s of a {settings.time_budget:g} s budget, image written):")
         for i, sc in enumerate(st.scales, 1):
             print(f"  scale {i}: {sc['hw'][1]}x{sc['hw'][0]}  planned {sc['steps_planned']} steps / "
-                  f"{sc['planned_s']:.1f} s, ran {sc['steps_run']} steps / {sc['actual_s']:.1f} s")
+                  f"{sc['planned_s']:.1f} s, ran {sc['steps_run']} steps / {sc['actual_s']:.1f} s; ended: {sc['why']}")
     h, w = st.size
     random = "; seeded random weights, NOT a trained network" if st.weights.startswith("random") else ""
     print(f"wrote {out} ({w}x{h}, {st.steps_run} steps, loss {st.loss[0]:.4g} -> {st.final_loss:.4g}, "

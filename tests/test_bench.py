@@ -35,16 +35,21 @@ def test_quick_benchmark_end_to_end(tmp_path, capfd):
     assert data["peaks_flops"]["fp32"] > 0
     rows = data["sizes"]["64"]["rows"]
     keys = [r["key"] for r in rows]
-    assert keys == ["naive", "eager", "targets", "channels_last", "tf32", "bf16", "fp16", "graph", "torchscript",
-                    "engine"]
+    assert keys == ["naive", "eager", "user_compile", "user_compile_ro", "targets", "channels_last", "tf32", "bf16",
+                    "fp16", "graph", "compile", "torchscript", "engine"]
     for r in rows:
-        if r["key"] in ("tf32", "bf16", "fp16", "graph"):
+        if r["key"] in ("user_compile_ro", "tf32", "bf16", "fp16", "graph"):
             assert r["applicable"] is False and r["reason"] == "needs CUDA"  # listed, not dropped
             continue
         for field in ("steps_per_s", "ms_per_step", "tflops", "peak_fraction", "peak_mem_bytes", "flops_per_step",
-                      "speedup_vs_naive", "speedup_vs_eager"):
+                      "speedup_vs_naive", "speedup_vs_eager", "speedup_vs_best_baseline", "first_step_s"):
             assert isinstance(r[field], (int, float)) and math.isfinite(r[field]) and r[field] > 0, (r["key"], field)
         assert len(r["repeats_ms_per_step"]) == 2
+    assert {r["best_baseline"] for r in rows if r.get("steps_per_s")} <= {"naive", "eager", "user_compile"}
+    tti = data["time_to_image"]["renders"]["64 px / 2 steps"]
+    assert set(tti) == {"engine defaults", "engine --compile", "user loop + torch.compile (default)"}
+    for name, v in tti.items():
+        assert "error" not in v and v["cold_s"] > 0 and v["warm_s"] > 0, name
     onnx = data["sizes"]["64"]["onnx_targets"]
     assert onnx["eager_ms"] > 0 and onnx["onnxruntime_ms"] > 0
     # Every number in the file is finite, and every timing/rate positive.
@@ -70,12 +75,18 @@ def test_quick_quality_benchmark(tmp_path, capsys):
     code = main(["-q", "bench-quality", "--quick", "--device", "cpu", "--out", str(tmp_path), "--name", "q"])
     assert code == 0
     data = json.loads((tmp_path / "q.json").read_text())
-    assert [s["size"] for s in data["multi_scale"]["scales"]] == [64, 128]
-    for key in ("multi_scale", "single_scale"):
-        assert math.isfinite(data[key]["final_loss"]) and data[key]["final_loss"] > 0
-        assert data[key]["seconds"] < data["budget_s"] + 2.0  # within the budget (plus a generous margin)
-    assert data["single_scale_to_match"]["target_loss"] == data["multi_scale"]["final_loss"]
-    assert (tmp_path / "q.md").read_text().startswith("# Quality at equal time")
+    assert "equal_same_scales" not in data  # the default start is the equal split's: no third render
+    for key in ("adaptive", "equal"):
+        assert [s["size"] for s in data[key]["scales"]] == [64, 128]
+        assert all(s["why"] for s in data[key]["scales"])
+    for key in ("adaptive", "equal", "single"):
+        v = data[key]
+        assert math.isfinite(v["final_loss"]) and v["final_loss"] > 0
+        assert v["seconds"] < data["budget_s"] + 2.0  # within the budget (plus a generous margin)
+        assert 0 < v["held_out_style_distance"] < math.inf and 0 <= v["content_distance"] < math.inf
+    assert set(data["goals"]) == {"adaptive_over_equal_loss", "single_budgets_to_match_adaptive"}
+    md = (tmp_path / "q.md").read_text()
+    assert "held-out style distance" in md and "multi-scale, adaptive plan" in md
 
 
 @pytest.mark.slow
@@ -112,12 +123,14 @@ def test_recipe_benchmark_parity_catches_a_wrong_formula(monkeypatch):
 def test_independent_baselines_agree_with_the_layer_table():
     """The baselines and the original loops write torchvision's layout out themselves (so
     they do not share the engine's bugs); here they are held against engine/layers.py."""
-    from nst.bench import baselines, reference
+    from nst.bench import baselines, reference, user_loop
     from nst.engine.layers import IMAGENET_MEAN, IMAGENET_STD, deepest, layer_by_name, vgg_layers
 
     for network in ("vgg19", "vgg16"):
         assert reference.LAYER_NAMES[network] == [layer.name for layer in vgg_layers(network)], network
     assert tuple(reference.MEAN) == IMAGENET_MEAN and tuple(reference.STD) == IMAGENET_STD
+    # The standalone user loop writes its own (it imports nothing of nst).
+    assert tuple(user_loop.MEAN) == IMAGENET_MEAN and tuple(user_loop.STD) == IMAGENET_STD
     table = layer_by_name("vgg19")
     assert baselines.TAP_INDEX == {name: table[name].index for name in baselines.TAP_INDEX}
     assert baselines.CUT == deepest(tuple(baselines.TAP_INDEX)).index + 1
@@ -130,18 +143,123 @@ def test_independent_baselines_agree_with_the_layer_table():
         assert kinds == want, network
 
 
-def test_profile_files_kernels_by_what_they_compute():
-    """cuDNN's convolution kernels are implicit GEMMs: "gemm" in their names must not put
-    them among the Gram matmuls (names as an H100 profile printed them)."""
-    from nst.bench.profile import kernel_group
+def test_profile_attributes_kernels_to_the_operators_that_launched_them():
+    """Launch chains (innermost first) as an H100 trace links them: a cuDNN implicit-GEMM
+    kernel launched by a convolution is a convolution, a GEMM launched inside the Gram
+    operator is the Gram's, whatever the kernels are called."""
+    from nst.bench.profile import attribute
 
-    assert kernel_group("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution forward"
-    assert kernel_group("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution backward"
-    assert kernel_group("sm80_xmma_gemm_f32f32_f32f32_f32_nn_n_tilesize128x128x8_ffma") == "Gram matmuls"
-    assert kernel_group("cutlass_80_simt_sgemm_128x128_8x4_nn_align1") == "Gram matmuls"
-    assert kernel_group("aten::convolution_backward") == "convolution backward"
-    assert kernel_group("aten::mkldnn_convolution") == "convolution forward"
-    assert kernel_group("aten::mm") == "Gram matmuls"
-    for other in ("void at::native::elementwise_kernel<128, 2>", "max_pool_backward_nhwc", "aten::max_pool2d",
-                  "void at::native::direct_copy_kernel_cuda", "aten::_foreach_add_"):
-        assert kernel_group(other) == "other", other
+    conv = ["aten::cudnn_convolution", "aten::_convolution", "aten::convolution", "aten::conv2d", "nst::network"]
+    assert attribute(conv) == "convolution forward"
+    assert attribute(["aten::convolution_backward", "ConvolutionBackward0",
+                      "autograd::engine::evaluate_function: ConvolutionBackward0"]) == "convolution input-gradient"
+    assert attribute(["aten::mm", "nst::gram_mc", "GeneratedBackwardFor_nst_gram_mc_default", "nst::losses"]) \
+        == "Gram and its backward"
+    assert attribute(["aten::mm", "GeneratedBackwardFor_nst_gram_mc_defaultBackward",
+                      "autograd::engine::evaluate_function: GeneratedBackwardFor_nst_gram_mc_defaultBackward"]) \
+        == "Gram and its backward"
+    assert attribute(["aten::copy_", "aten::_to_copy", "aten::to", "nst::gram_mc"]) == "copies"
+    assert attribute(["aten::_fused_adam_", "Optimizer.step#Adam.step"]) == "optimizer"
+    assert attribute(["aten::clamp_"]) == "optimizer"
+    assert attribute(["aten::clamp_min_", "aten::relu_", "nst::network"]) == "pooling/activation"
+    assert attribute(["aten::max_pool2d_with_indices_backward", "MaxPool2DWithIndicesBackward0",
+                      "autograd::engine::evaluate_function: MaxPool2DWithIndicesBackward0"]) == "pooling/activation"
+    assert attribute(["aten::threshold_backward", "ReluBackward0"]) == "pooling/activation"
+    assert attribute(["aten::mul", "MulBackward0", "autograd::engine::evaluate_function: MulBackward0"]) == "losses"
+    assert attribute(["aten::pow", "aten::square", "nst::losses"]) == "losses"
+    assert attribute(["aten::sub", "nst::network"]) == "other"
+
+
+def _recorded_profile(device):
+    import torch
+
+    from nst.bench.profile import attribute_events, record
+    from nst.engine.session import prepare
+    from nst.engine.settings import StylizeSettings
+
+    gen = torch.Generator().manual_seed(3)
+    content, style = torch.rand(3, 56, 72, generator=gen), torch.rand(3, 64, 64, generator=gen)
+    settings = StylizeSettings(size=72, device=device.type, weights="random:1", cuda_graph=False)
+    step = prepare(content, [(style, 1.0)], settings).stepper.step
+    step()
+    prof = record(step, device, 2)
+    return prof, attribute_events(prof.events(), device.type == "cuda")
+
+
+def test_profile_attribution_on_a_recorded_cpu_trace():
+    import torch
+
+    from nst.bench.profile import GROUPS
+
+    prof, (groups, items) = _recorded_profile(torch.device("cpu"))
+    for g in GROUPS[:6]:
+        assert groups[g] > 0, g
+    by_op: dict[str, set] = {}
+    for _, name, g in items:
+        by_op.setdefault(name, set()).add(g)
+    assert by_op["aten::mkldnn_convolution"] == {"convolution forward"}
+    assert by_op["aten::convolution_backward"] == {"convolution input-gradient"}
+    assert by_op["aten::mm"] == {"Gram and its backward"}  # only the Grams multiply matrices
+    assert by_op["aten::max_pool2d_with_indices"] == {"pooling/activation"}
+    # Nothing is dropped: the groups add up to all operators' own CPU time.
+    total = sum(ev.self_cpu_time_total for ev in prof.events() if ev.device_type.name == "CPU")
+    assert abs(sum(groups.values()) - total) <= 1e-6 * total
+
+
+@pytest.mark.cuda
+def test_profile_attribution_on_a_recorded_cuda_trace():
+    import torch
+
+    prof, (groups, items) = _recorded_profile(torch.device("cuda"))
+    for g in ("convolution forward", "convolution input-gradient", "Gram and its backward", "pooling/activation"):
+        assert groups[g] > 0, g
+    for _, name, g in items:  # "kernel <- launching op"
+        kernel = name.split(" <- ")[0].lower()
+        if "fprop" in kernel or "dgrad" in kernel:
+            assert g.startswith("convolution"), name
+    kernel_total = sum(ev.time_range.elapsed_us() for ev in prof.events() if ev.device_type.name == "CUDA")
+    assert sum(groups.values()) >= 0.97 * kernel_total  # (nearly) every kernel attributed
+
+
+def test_goals_against_the_fastest_baseline():
+    import torch
+
+    from nst.bench.goals import check_goals
+    from nst.bench.rows import derive
+
+    rows = [{"key": "eager", "kind": "baseline", "steps_per_s": 10.0, "tflops": 1.0},
+            {"key": "user_compile", "kind": "baseline", "steps_per_s": 20.0, "tflops": 2.0},
+            {"key": "engine", "kind": "engine", "steps_per_s": 25.0, "tflops": 2.5, "ms_per_step": 40.0,
+             "peak_key": "fp32"}]
+    derive(rows, {"fp32": 2.5e12})
+    assert rows[2]["speedup_vs_best_baseline"] == 1.25 and rows[2]["best_baseline"] == "user_compile"
+    got = check_goals({"sizes": {"256": {"rows": rows}}}, torch.device("cpu"))
+    assert got["cpu_256_vs_fastest_baseline"]["met"] and got["cpu_256_peak_fraction"]["met"]
+    rows[2]["ms_per_step"] = 150.0
+    gpu = check_goals({"sizes": {"4096": {"rows": rows}}}, torch.device("cuda"))
+    assert gpu["gpu_4096_ms_per_step"]["met"] is False and gpu["gpu_4096_ms_per_step"]["direction"] == "max"
+
+
+
+def test_baseline_loops_optimise_the_engines_objective():
+    """The baselines are only a comparison if they minimise the same function: their loss
+    at a fresh random image equals the engine's float32 reference objective."""
+    import torch
+
+    from nst.bench.baselines import TutorialLoop, vgg19_features
+    from nst.bench.user_loop import UserLoop, vgg19_cut
+    from nst.engine.session import prepare
+    from nst.engine.settings import StylizeSettings
+    from nst.engine.weights import resolve_weights
+
+    gen = torch.Generator().manual_seed(11)
+    content, style, x = (torch.rand(1, 3, 72, 56, generator=gen) for _ in range(3))
+    settings = StylizeSettings(resize="56x72", weights="random:2", device="cpu", reference=True)
+    prep = prepare(content[0], [(style[0], 1.0)], settings)
+    want = prep.objective(x)[0]
+    state = resolve_weights("random:2", "vgg19").state
+    user = UserLoop(vgg19_cut(state, "cpu"), content, style)  # compiles only when stepped
+    torch.testing.assert_close(user.loss(x), want, rtol=1e-4, atol=0)
+    tut = TutorialLoop(vgg19_features(state, "cpu"), content, style, 0.02, 1.0, 1e6, 1.0, naive=False)
+    tut.x.data.copy_(x)
+    torch.testing.assert_close(tut.step(), want, rtol=1e-4, atol=0)

@@ -14,7 +14,7 @@ from PIL import Image
 from nst.engine import StylizeSettings, build_extractor
 from nst.cli import main
 from nst.engine.errors import InputError
-from nst.engine.memory import estimate_breakdown, plan_memory
+from nst.engine.memory import estimate_breakdown, estimate_tiled_bytes, plan_memory
 from nst.engine.multiscale import render
 from nst.engine.layers import DEFAULT_TAPS
 
@@ -38,8 +38,10 @@ def net():
 def test_scale_sizes():
     assert StylizeSettings(size=512).scale_sizes() == [512]
     assert StylizeSettings(size=512, scales="auto").scale_sizes() == [256, 362, 512]
+    assert StylizeSettings(size=512, scales="auto", scale_start=128).scale_sizes() == [128, 181, 256, 362, 512]
     assert StylizeSettings(size=2048, scales="auto", scale_factor=2).scale_sizes() == [256, 512, 1024, 2048]
     assert StylizeSettings(size=200, scales="auto").scale_sizes() == [200]
+    assert StylizeSettings(size=200, scales="auto", scale_start=128).scale_sizes() == [141, 200]
     assert StylizeSettings(size=512, scales="128,256").scale_sizes() == [128, 256, 512]
     with pytest.raises(InputError, match="increasing"):
         StylizeSettings(size=512, scales="256,128").scale_sizes()
@@ -82,7 +84,7 @@ def test_planner_meets_budget_and_writes_the_size_asked(tmp_path, capsys):
     t0 = time.perf_counter()
     code = main(["-q", "stylize", str(tmp_path / "c.png"), "--style", str(tmp_path / "s.png"), "-o",
                  str(tmp_path / "o.png"), "--weights", W, "--size", "160", "--scales", "96,128", "--time-budget",
-                 str(budget), "--device", "cpu"])
+                 str(budget), "--device", "cpu", "--budget-plan", "equal"])
     took = time.perf_counter() - t0
     assert code == 0
     out = capsys.readouterr().out
@@ -123,8 +125,18 @@ def test_memory_plan_chooses_checkpointing(net):
     assert m.checkpoint
     m = plan_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "auto", 100.0)
     assert not m.checkpoint
+    # Without checkpointing, exact tiles take over (the largest tile that fits).
+    m = plan_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "off", limit)
+    assert not m.checkpoint and m.tile in (512, 256) and m.bytes <= limit * 0.9 * 2**30
+    # When even the checkpointed step does not fit, tiles; when nothing fits, a refusal.
+    tiny = (estimate_tiled_bytes(1024, 1024, 256, taps) + 1) / 0.9 / 2**30
+    assert tiny * 2**30 < ckpt["resident"] + ckpt["step"]
+    m = plan_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "auto", tiny)
+    assert m.tile == 256 and "exact tiled steps, 256 px tiles" in m.describe()
     with pytest.raises(InputError, match="largest that fits is about"):
-        plan_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "off", limit)
+        plan_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "auto", 0.1)
+    with pytest.raises(InputError, match="try a smaller --tile"):
+        plan_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "auto", tiny, tile=1024)
     # And the engine runs checkpointed when the plan says so, with the same losses.
     args = (_smooth(48, 64, 1), [(_img(64, 64, 2), 1.0)])
     from nst.engine.loop import run
@@ -162,9 +174,10 @@ def status(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 size, ck = int(sys.argv[1]), sys.argv[2]
+tile = int(sys.argv[3]) if len(sys.argv) > 3 else None
 g = torch.Generator().manual_seed(0)
 p = prepare(torch.rand(3, size, size, generator=g), [(torch.rand(3, size, size, generator=g), 1.0)],
-            StylizeSettings(size=size, device="cpu", weights="random:0", checkpointing=ck))
+            StylizeSettings(size=size, device="cpu", weights="random:0", checkpointing=ck, tile=tile))
 p.stepper.step()
 gc.collect(); libc.malloc_trim(0)
 rss0 = status("VmRSS:")
@@ -177,7 +190,8 @@ print(json.dumps({"step_peak": status("VmHWM:") - rss0}))
 @pytest.mark.slow
 def test_memory_estimate_against_measured_peak_on_cpu(tmp_path):
     """Stated error: plain steps within 25% of the measured peak; checkpointed steps are
-    over-estimated (a safe side for a plan) by less than 60%."""
+    over-estimated (a safe side for a plan) by less than 60%; tiled steps (128 px tiles)
+    within 40%."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc to read the peak RSS")
     script = tmp_path / "measure.py"
@@ -190,6 +204,13 @@ def test_memory_estimate_against_measured_peak_on_cpu(tmp_path):
         measured = __import__("json").loads(r.stdout.strip().splitlines()[-1])["step_peak"]
         est = estimate_breakdown(size, size, DEFAULT_TAPS, checkpoint=(ck == "on"))["step"]
         assert lo <= est / measured <= hi, (ck, est / 2**20, measured / 2**20)
+    r = subprocess.run([sys.executable, str(script), str(size), "off", "128"], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, NST_OFFLINE="1"), cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    measured = __import__("json").loads(r.stdout.strip().splitlines()[-1])["step_peak"]
+    est = estimate_tiled_bytes(size, size, 128, DEFAULT_TAPS) - estimate_breakdown(size, size, DEFAULT_TAPS)["resident"]
+    assert 0.6 <= est / measured <= 1.4, ("tiled", est / 2**20, measured / 2**20)
+    assert est < estimate_breakdown(size, size, DEFAULT_TAPS)["step"]  # a tile's step is smaller than the whole's
 
 
 @pytest.mark.slow

@@ -1,0 +1,264 @@
+"""Exact tiled steps (``--tile PX``, issue #15): the Gatys losses and their image gradient
+computed one tile of the image at a time, equal to the untiled ones up to float rounding.
+
+Why it is exact. Every loss term is a sum over feature positions: a layer's Gram is
+sum_positions f f^T, the content term a sum of squared differences. So the feature grid of
+every tap is split into tile *interiors* that cover each position exactly once, and each
+interior is computed from an image crop: the interior plus a *halo*, the context a block
+of the deepest tap's cells needs on each side. From the layer table: each 3x3 convolution
+at stride s adds s pixels each side, so relu5_1 needs 2+4+16+32+16 = 70 px (its receptive
+field is 156 = 16 + 2 x 70); rounded up to the deepest stride (16) so that crop origins
+stay on the pooling grid, 80 px. (A 2x2 pooling rounds a band of wrong border values up
+to its own output stride; the final rounding covers that: checked layer by layer for
+every tap of VGG19 and VGG16.) Crops are
+clipped at the image edge, never padded: at the border the crop's zero padding is the
+image's. Tile edges lie on multiples of the deepest stride; the last tile takes the rest
+(tiles need not divide the image, and may be smaller than the halo).
+
+One step is two passes over the tiles:
+
+1. without gradients: each layer's global Gram (the sum of the interiors' F^T F, float32)
+   and the content sums; then the losses, and dL/dG of every layer, fixed;
+2. per tile: forward again with gradients, the surrogate
+   sum_l <dL/dG_l, F_int^T F_int> + the content term over the interior, whose gradient
+   with respect to the interior features is the true one; back-propagate it to the
+   *whole crop* (halo pixels feed interior features) and add it into the image gradient.
+
+Memory: one crop's activations at a time, plus what stays whole (the image, its
+gradient, the optimiser state, the content target). Cost: about the area of the crops
+over the image's, times (two forwards + one backward) against (one + one).
+
+The total-variation term is a sum over neighbouring pixel pairs of the whole image and is
+computed untiled (it is cheap).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .gram_op import gram_mc
+from .layers import layers_upto, tile_halo
+from .losses import tv_loss
+
+
+halo = tile_halo  # engine/layers.py: the context each side of an interior, on the stride grid
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A tile interior [y0, y1) x [x0, x1) and its crop [cy0, cy1) x [cx0, cx1), in pixels."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    cy0: int
+    cy1: int
+    cx0: int
+    cx1: int
+
+    def interior(self, f: torch.Tensor, stride: int, hw: tuple[int, int]) -> torch.Tensor:
+        """The interior cells of the crop's features ``f`` (1, C, h, w) at ``stride``; the last
+        tile of a row or column reaches the map's end (floor(H / stride) cells)."""
+        h, w = hw
+        ya, xa = (self.y0 - self.cy0) // stride, (self.x0 - self.cx0) // stride
+        yb = (self.y1 if self.y1 < h else (h // stride) * stride) // stride - self.cy0 // stride
+        xb = (self.x1 if self.x1 < w else (w // stride) * stride) // stride - self.cx0 // stride
+        return f[:, :, ya:yb, xa:xb]
+
+    def region(self, stride: int, hw: tuple[int, int]) -> tuple[slice, slice]:
+        """The interior's rows and columns in the full map at ``stride``."""
+        h, w = hw
+        yb = (self.y1 if self.y1 < h else (h // stride) * stride) // stride
+        xb = (self.x1 if self.x1 < w else (w // stride) * stride) // stride
+        return slice(self.y0 // stride, yb), slice(self.x0 // stride, xb)
+
+
+def _edges(n: int, tile: int, stride: int) -> list[int]:
+    """Tile edges along one side: multiples of ``tile``, then ``n``. A last piece shorter
+    than the stride goes to the tile before it: its crop (piece plus one halo) could be
+    smaller than the network's smallest input where the halo is only one stride (pool1)."""
+    edges = list(range(0, n, tile)) + [n]
+    if len(edges) > 2 and n - edges[-2] < stride:
+        del edges[-2]
+    return edges
+
+
+def make_tiles(hw: tuple[int, int], tile: int, halo_px: int, stride: int) -> list[Tile]:
+    """The tiles of an image of (H, W) px: interiors of ``tile`` px (rounded up to a
+    multiple of ``stride``; the last ones take the rest), crops with ``halo_px`` each side."""
+    h, w = hw
+    tile = max(stride, math.ceil(tile / stride) * stride)
+    out = []
+    ys, xs = _edges(h, tile, stride), _edges(w, tile, stride)
+    for y0, y1 in zip(ys, ys[1:]):
+        for x0, x1 in zip(xs, xs[1:]):
+            out.append(Tile(y0, y1, x0, x1, max(0, y0 - halo_px), min(h, y1 + halo_px), max(0, x0 - halo_px),
+                            min(w, x1 + halo_px)))
+    return out
+
+
+def _mc(f: torch.Tensor) -> torch.Tensor:
+    """(1, C, h, w) -> (h*w, C), a view for channels-last features."""
+    return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+
+
+class TiledObjective:
+    """The objective (engine/objective.py's contract: x -> (4,) [total, content, style, tv])
+    computed tile by tile. Called on an image that requires grad, under grad mode, it also
+    leaves the exact image gradient to autograd (as one node): the steppers need no change."""
+
+    def __init__(self, objective, tile: int, network: str, loss_scale: float | None = None):
+        self.base = objective  # the untiled objective: network, targets, weights, autocast
+        # fp16: pass 2's backward runs on the surrogate times this (as the steppers scale the
+        # loss), so small gradients do not underflow in the fp16 convolutions' backward.
+        self.scale = loss_scale or 1.0
+        self.net = objective.net
+        taps = list(self.net.taps)
+        self.taps = taps
+        self.strides = [layers_upto((t,), network)[-1].stride for t in taps]
+        self.halo = halo(taps, network)
+        self.stride = max(self.strides)
+        self.tile = tile
+        self.math = objective.math
+        self.cache = True
+
+    def _forward(self, crop: torch.Tensor):
+        b = self.base
+        if b.dtype is not None:
+            with torch.autocast(b.device_type, dtype=b.dtype):
+                return self.net(crop)
+        return self.net(crop)
+
+    def tiles(self, hw) -> list[Tile]:
+        return make_tiles(hw, self.tile, self.halo, self.stride)
+
+    def _sums(self, x: torch.Tensor):
+        """Pass 1: the global Grams (unnormalised, float32) and content sums, no gradients."""
+        b, hw = self.base, tuple(x.shape[-2:])
+        grams = [None] * len(b.style_idx)
+        csums = [x.new_zeros((), dtype=torch.float32) for _ in b.content_idx]
+        with torch.no_grad():
+            for t in self.tiles(hw):
+                feats = self._forward(x[:, :, t.cy0:t.cy1, t.cx0:t.cx1])
+                for k, i in enumerate(b.style_idx):
+                    g = gram_mc(_mc(t.interior(feats[i], self.strides[i], hw)))  # (C, C) float32
+                    grams[k] = g if grams[k] is None else grams[k] + g
+                for k, i in enumerate(b.content_idx):
+                    rows, cols = t.region(self.strides[i], hw)
+                    f = t.interior(feats[i], self.strides[i], hw).float()
+                    csums[k] = csums[k] + (f - b.targets.content[k][:, :, rows, cols]).square().sum()
+        return grams, csums
+
+    def _terms(self, x: torch.Tensor, grams, csums):
+        """The losses and dL/dG (per style layer) and dL/d(content sum) from pass 1's sums."""
+        b = self.base
+        c_terms, c_grads = [], []
+        for k, i in enumerate(b.content_idx):
+            n = b.targets.content[k].numel()  # N*C*h*w of the full map: the mean's divisor
+            c_terms.append(b.content_w[k] * csums[k] / n)
+            c_grads.append(b.cw * b.content_w[k] / n)
+        s_terms, s_grads = [], []
+        for k, i in enumerate(b.style_idx):
+            ch = grams[k].shape[0]
+            h, w = (d // self.strides[i] for d in x.shape[-2:])
+            scale = 1.0 / (ch * h * w)
+            diff = grams[k] * scale - b.targets.grams[k][0]  # (C, C)
+            s_terms.append(b.style_w[k] * diff.square().mean())
+            # d/dG of w * mean((G * scale - A)^2), times the style weight
+            s_grads.append(b.sw * b.style_w[k] * 2.0 * diff * scale / diff.numel())
+        c = torch.stack(c_terms).sum() if c_terms else x.new_zeros(())
+        s = torch.stack(s_terms).sum() if s_terms else x.new_zeros(())
+        return c, s, c_grads, s_grads
+
+    def _image_grad(self, x: torch.Tensor, c_grads, s_grads) -> torch.Tensor:
+        """Pass 2: the image gradient of the content and style terms, tile by tile."""
+        b, hw = self.base, tuple(x.shape[-2:])
+        grad = torch.zeros_like(x)
+        for t in self.tiles(hw):
+            crop = x[:, :, t.cy0:t.cy1, t.cx0:t.cx1].detach().requires_grad_(True)
+            with torch.enable_grad():
+                feats = self._forward(crop)
+                sur = crop.new_zeros((), dtype=torch.float32)
+                for k, i in enumerate(b.style_idx):
+                    g = gram_mc(_mc(t.interior(feats[i], self.strides[i], hw)))
+                    sur = sur + (s_grads[k] * g).sum()  # gradient: F_int (dG + dG^T) restricted to the interior
+                for k, i in enumerate(b.content_idx):
+                    rows, cols = t.region(self.strides[i], hw)
+                    f = t.interior(feats[i], self.strides[i], hw).float()
+                    sur = sur + c_grads[k] * (f - b.targets.content[k][:, :, rows, cols]).square().sum()
+                (g_crop,) = torch.autograd.grad(sur * self.scale, crop)
+            grad[:, :, t.cy0:t.cy1, t.cx0:t.cx1] += g_crop / self.scale
+        return grad
+
+    def evaluate(self, x: torch.Tensor, with_grad: bool):
+        """(parts (4,), image gradient of parts[0] or None)."""
+        b = self.base
+        xd = x.detach()
+        grams, csums = self._sums(xd)
+        c, s, c_grads, s_grads = self._terms(xd, grams, csums)
+        grad = None
+        if with_grad:
+            grad = self._image_grad(xd, c_grads, s_grads)
+            with torch.enable_grad():
+                xt = xd.clone().requires_grad_(True)
+                tv = tv_loss(xt)
+                (g_tv,) = torch.autograd.grad(b.tvw * tv, xt)
+            grad += g_tv
+            tv = tv.detach()
+        else:
+            tv = tv_loss(xd)
+        total = b.cw * c + b.sw * s + b.tvw * tv
+        return torch.stack([total, c, s, tv]).float(), grad
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _TiledLoss.apply(x, self)
+        return self.evaluate(x, with_grad=False)[0]
+
+
+class _TiledLoss(torch.autograd.Function):
+    """x -> (4,) losses; backward hands back the gradient pass 2 computed (times the
+    incoming gradient of the total, e.g. a loss scale)."""
+
+    @staticmethod
+    def forward(ctx, x, objective):
+        parts, grad = objective.evaluate(x, with_grad=True)
+        ctx.save_for_backward(grad)
+        return parts
+
+    @staticmethod
+    def backward(ctx, g):  # g: (4,); the steppers differentiate the total only
+        (grad,) = ctx.saved_tensors
+        return g[0] * grad, None
+
+
+@torch.no_grad()
+def tiled_features(extractor, img: torch.Tensor, tile: int, network: str, maps=(), grams=()):
+    """Features of a whole image computed tile by tile, for the targets: ({tap: (1, C, h, w)
+    float32 map assembled from the interiors} for ``maps``, {tap: (1, C, C) Gram normalised
+    by C*h*w, as engine/losses.py's ``gram``} for ``grams``)."""
+    taps = list(extractor.taps)
+    strides = {t: layers_upto((t,), network)[-1].stride for t in taps}
+    hw = tuple(img.shape[-2:])
+    out_maps, sums = {}, {}
+    for t in make_tiles(hw, tile, halo(taps, network), max(strides.values())):
+        feats = dict(zip(taps, extractor(img[:, :, t.cy0:t.cy1, t.cx0:t.cx1])))
+        for name in maps:
+            s = strides[name]
+            f = t.interior(feats[name], s, hw).float()
+            if name not in out_maps:
+                out_maps[name] = f.new_zeros((1, f.shape[1], hw[0] // s, hw[1] // s))
+            rows, cols = t.region(s, hw)
+            out_maps[name][:, :, rows, cols] = f
+        for name in grams:
+            g = gram_mc(_mc(t.interior(feats[name], strides[name], hw)))
+            sums[name] = g if name not in sums else sums[name] + g
+    out_grams = {}
+    for name, g in sums.items():
+        s = strides[name]
+        out_grams[name] = (g / (g.shape[0] * (hw[0] // s) * (hw[1] // s))).unsqueeze(0)
+    return out_maps, out_grams
