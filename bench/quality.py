@@ -47,19 +47,34 @@ PLANS = (("adaptive", "multi-scale, adaptive plan", "adaptive", False),
          ("equal_same_scales", "multi-scale, equal split over the adaptive plan's scales", "equal", False))
 
 
-def held_out(image, content, style, judge) -> dict:
+class Judge:
     """Distances the optimiser does not see, relative: sum_l |G_l(x) - G_l(s)|^2 / |G_l(s)|^2
-    averaged over HELD_OUT_STYLE, and |F(x) - F(c)|^2 / |F(c)|^2 at CONTENT_TAP."""
-    hw = tuple(image.shape[-2:])
-    with torch.no_grad():
-        fx = dict(zip(judge.taps, judge(image[None])))
-        fc = dict(zip(judge.taps, judge(resize_to(content, hw)[None])))
-        fs = dict(zip(judge.taps, judge(resize_to(style, fit_long_edge(tuple(style.shape[-2:]), max(hw)))[None])))
-    style_d = sum(((gram(fx[t]) - gram(fs[t])).square().sum() / gram(fs[t]).square().sum()).item()
-                  for t in HELD_OUT_STYLE) / len(HELD_OUT_STYLE)
-    c = CONTENT_TAP
-    content_d = ((fx[c] - fc[c]).square().sum() / fc[c].square().sum()).item()
-    return {"held_out_style_distance": style_d, "content_distance": content_d}
+    averaged over HELD_OUT_STYLE, and |F(x) - F(c)|^2 / |F(c)|^2 at CONTENT_TAP. The
+    references (the content's features, the style's Grams) are computed once per size."""
+
+    def __init__(self, weights: str, content, style, device):
+        self.net = build_extractor(weights, HELD_OUT_STYLE + (CONTENT_TAP,)).to(device)
+        self.content, self.style = content.to(device), style.to(device)
+        self.refs: dict = {}  # (H, W) -> (content features at CONTENT_TAP, {tap: style Gram})
+
+    def _taps(self, img) -> dict:
+        with torch.no_grad():
+            return dict(zip(self.net.taps, self.net(img[None])))
+
+    def _references(self, hw: tuple[int, int]):
+        if hw not in self.refs:
+            fs = self._taps(resize_to(self.style, fit_long_edge(tuple(self.style.shape[-2:]), max(hw))))
+            self.refs[hw] = (self._taps(resize_to(self.content, hw))[CONTENT_TAP],
+                             {t: gram(fs[t]) for t in HELD_OUT_STYLE})
+        return self.refs[hw]
+
+    def __call__(self, image) -> dict:
+        fc, gs = self._references(tuple(image.shape[-2:]))
+        fx = self._taps(image)
+        style_d = sum(((gram(fx[t]) - gs[t]).square().sum() / gs[t].square().sum()).item()
+                      for t in HELD_OUT_STYLE) / len(HELD_OUT_STYLE)
+        content_d = ((fx[CONTENT_TAP] - fc).square().sum() / fc.square().sum()).item()
+        return {"held_out_style_distance": style_d, "content_distance": content_d}
 
 
 def run_quality(cfg: QualitySettings) -> dict:
@@ -71,8 +86,7 @@ def run_quality(cfg: QualitySettings) -> dict:
     cfg = dataclasses.replace(cfg, size=cfg.size or (2048 if gpu else 512), budget=cfg.budget or (20.0 if gpu else 60.0))
     content, style, c_src, s_src = content_and_style(cfg.content, cfg.style)
     net = build_extractor(cfg.weights)
-    judge = build_extractor(cfg.weights, HELD_OUT_STYLE + (CONTENT_TAP,)).to(device)
-    content_d, style_d = content.to(device), style.to(device)
+    judge = Judge(cfg.weights, content, style, device)
     base = StylizeSettings(size=cfg.size, device=device, weights=cfg.weights, steps=10**6, progress_every=10,
                            move_on=cfg.move_on)
     results = {"size": cfg.size, "budget_s": cfg.budget, "device": device, "weights": cfg.weights,
@@ -92,7 +106,7 @@ def run_quality(cfg: QualitySettings) -> dict:
     def entry(r, took):
         st = r.stats
         return {"final_loss": st.final_loss, "seconds": took, "steps": st.steps_run, "scales": st.scales,
-                **held_out(r.image.to(device), content_d, style_d, judge)}
+                **judge(r.image.to(device))}
 
     for key, label, plan, today in PLANS:
         start = TODAY_START if today else cfg.scale_start

@@ -204,11 +204,11 @@ def derive(rows: list[dict], peaks: dict) -> None:
     timed = [r for r in rows if r["kind"] == "baseline" and r.get("steps_per_s")]
     best = max(timed, key=lambda r: r["steps_per_s"], default=None)
     for r in rows:
-        if best is not None and r.get("steps_per_s"):
-            r["speedup_vs_best_baseline"] = r["steps_per_s"] / best["steps_per_s"]
-            r["best_baseline"] = best["key"]
         if not r.get("steps_per_s"):
             continue
+        if best is not None:
+            r["speedup_vs_best_baseline"] = r["steps_per_s"] / best["steps_per_s"]
+            r["best_baseline"] = best["key"]
         for base in ("naive", "eager"):
             b = by.get(base, {})
             if b.get("steps_per_s"):

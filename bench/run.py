@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from .profile import profile_engine
 from .report import results_dir
 from .rows import derive, run_size
 from .settings import BenchSettings
-from .time_to_image import time_to_image
+from .time_to_image import compile_cache_env, time_to_image
 from .timing import matmul_peak, time_steps
 
 log = logging.getLogger("nst")
@@ -115,10 +115,9 @@ def _profile(device, eager_net, cfg) -> dict:
 def _fresh_compile_caches(tmp: Path):
     """Empty inductor and Triton caches for the rows, so that a row's first step is a cold
     compile whatever earlier runs left on this machine (time to image measures warm too)."""
-    keys = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor")
-    os.environ["TRITON_CACHE_DIR"] = str(tmp / "inductor" / "triton")
+    fresh = compile_cache_env(tmp / "inductor")
+    saved = {k: os.environ.get(k) for k in fresh}
+    os.environ.update(fresh)
     try:
         yield
     finally:

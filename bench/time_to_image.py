@@ -36,6 +36,11 @@ def _save(img: torch.Tensor, path: Path) -> None:
     save_image(img, path)
 
 
+def compile_cache_env(directory: Path) -> dict[str, str]:
+    """The environment that points inductor's and Triton's on-disk caches at ``directory``."""
+    return {"TORCHINDUCTOR_CACHE_DIR": str(directory), "TRITON_CACHE_DIR": str(directory / "triton")}
+
+
 def _script(path: str) -> list[str]:
     """Run a file as a script without putting its folder first on sys.path (python -P, for
     Python 3.10 too): bench/ holds modules named like the standard library's (profile)."""
@@ -82,7 +87,7 @@ def time_to_image(device: torch.device, weights_state: dict, tmp: Path, quick: b
         entry = {}
         for name, cmd in _commands(size, steps, device.type, files).items():
             cache = tmp / f"cache-{size}-{len(entry)}"
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
+            env = {**os.environ, **compile_cache_env(cache)}
             log.info("time to image, %d px / %d steps: %s (cold, then warm)", size, steps, name)
             cold = _run_once(cmd, tmp / "out.png", env, timeout)
             warm = _run_once(cmd, tmp / "out.png", env, timeout) if "error" not in cold else {}

@@ -25,13 +25,12 @@ inputs take the ordinary matmul in their own dtype: that is the reference path.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 _HALF = (torch.bfloat16, torch.float16)
-_TRIED: set = set()  # (device, dtype) pairs whose out_dtype kernel has been tried
+_WORKS: dict = {}  # (device, dtype) -> whether the out_dtype kernel ran there (tried once)
 
 
 def _out_dtype(t: torch.Tensor) -> torch.dtype:
@@ -39,9 +38,8 @@ def _out_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in _HALF else t.dtype
 
 
-@functools.lru_cache(maxsize=None)
 def _mm_out_dtype_works(device: str, dtype: torch.dtype) -> bool:
-    """Whether ``torch.mm(..., out_dtype=float32)`` runs here (tried once, on a tiny matrix)."""
+    """Whether ``torch.mm(..., out_dtype=float32)`` runs here (tried on a tiny matrix)."""
     try:
         a = torch.ones(8, 16, device=device, dtype=dtype)
         return torch.mm(a, a.t(), out_dtype=torch.float32).dtype == torch.float32
@@ -54,10 +52,11 @@ def fast_path(t: torch.Tensor) -> bool:
     if os.environ.get("NST_FAST_GRAM", "1") == "0" or not t.is_cuda or t.dtype not in _HALF:
         return False
     key = (str(t.device), t.dtype)
-    if torch.cuda.is_current_stream_capturing() and key not in _TRIED:
-        return False  # never try a kernel for the first time inside a capture: take the safe path
-    _TRIED.add(key)
-    return _mm_out_dtype_works(*key)
+    if key not in _WORKS:
+        if torch.cuda.is_current_stream_capturing():
+            return False  # never try a kernel for the first time inside a capture: take the safe path
+        _WORKS[key] = _mm_out_dtype_works(*key)
+    return _WORKS[key]
 
 
 @torch.library.custom_op("nst::gram_mc", mutates_args=())

@@ -135,9 +135,10 @@ def min_side(taps: tuple[str, ...], network: str = "vgg19") -> int:
 
 def tile_halo(taps, network: str = "vgg19") -> int:
     """Pixels of context a tile interior needs each side for exact features at ``taps``
-    (engine/tiles.py): each 3x3 convolution at stride s adds s, a 2x2 pooling none (its
-    output block maps onto its input block exactly); rounded up to the deepest tap's
-    stride, so that crops stay on the pooling grid. relu5_1: 70 -> 80."""
+    (engine/tiles.py): each 3x3 convolution at stride s adds s; rounded up to the deepest
+    tap's stride, so that crops stay on the pooling grid. relu5_1: 70 -> 80. (A 2x2 pooling
+    rounds a band of wrong border values up to its output stride; the final rounding
+    covers that, checked layer by layer for every tap of VGG19 and VGG16.)"""
     context = sum(layer.stride for layer in layers_upto(tuple(taps), network) if layer.kind == "conv")
     stride = deepest(tuple(taps), network).stride
     return -(-context // stride) * stride

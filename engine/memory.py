@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import InputError
-from .layers import layer_by_name, layers_upto, tile_halo
+from .layers import deepest, layer_by_name, layers_upto, tile_halo
 from .sizes import wxh
 
 GiB = 1024**3
@@ -111,9 +111,8 @@ def estimate_tiled_bytes(h: int, w: int, tile: int, taps: tuple[str, ...], netwo
                          act_bytes: int = 4, pool: str = "max", n_content: int = 1) -> int:
     """A tiled step (engine/tiles.py): what stays whole (weights, image, Adam state, content
     target; plus the gradient being summed and TV's copy of the image) and one crop's step."""
-    halo = tile_halo(taps, network)
-    stride = max(layer_by_name(network)[t].stride for t in taps)
-    t = -(-tile // stride) * stride
+    halo, stride = tile_halo(taps, network), deepest(taps, network).stride
+    t = -(-tile // stride) * stride  # rounded up to the stride, as engine/tiles.py's make_tiles does
     ch, cw = min(h, t + 2 * halo), min(w, t + 2 * halo)
     whole = estimate_breakdown(h, w, taps, network, act_bytes, pool, False, n_content)["resident"]
     crop = estimate_breakdown(ch, cw, taps, network, act_bytes, pool, False, n_content)["step"]

@@ -116,19 +116,19 @@ class _Pacer:
         plans, settings = self.plans, self.settings
         scale, last = plans[k], k == len(plans) - 1
         limit, rule, every = settings.time_limit, None, settings.progress_every
-        if self.end is not None:
-            limit = replan(plans, k, now - self.t_start, self.end)
-        if self.to_deadline and last:
-            # The final scale runs to the deadline, not to a step count predicted from the
-            # calibration (steps often run faster than the calibrated one): room for twice
-            # as many steps, the time limit ends it.
-            scale.steps = 2 * scale.steps + 16
         if self.adaptive and not last:
             limit = coarse_limit(plans, k, now - self.t_start, self.end, self.final_min_s)
             every = progress_interval(scale.initial_steps, settings.progress_every)
             scale.steps = scale.cost.steps_within(limit)
             scale.planned_s = scale.cost.seconds(scale.steps)
             rule = MoveOnRule(move_on_threshold(settings.move_on, scale, plans[k + 1])).observe
+        elif self.end is not None:
+            limit = replan(plans, k, now - self.t_start, self.end)
+            if self.to_deadline and last:
+                # The final scale runs to the deadline, not to a step count predicted from the
+                # calibration (steps often run faster than the calibrated one): room for twice
+                # as many steps, the time limit ends it.
+                scale.steps = 2 * scale.steps + 16
         s_k = settings.at_scale(tuple(content.shape[-2:]), scale.size, steps=scale.steps, time_budget=None,
                                 time_limit=limit, progress_every=every)
         return s_k, rule

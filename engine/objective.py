@@ -52,13 +52,17 @@ class Objective:
         only, a few microseconds per step; not inside compiled code, which has its own."""
         return contextlib.nullcontext() if self.compiled else torch.autograd.profiler.record_function(name)
 
+    def features(self, x: torch.Tensor):
+        """The network's taps of ``x`` (or of a crop of it: engine/tiles.py), under autocast
+        where the plan asks for half precision."""
+        if self.dtype is not None:
+            with torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=self.cache):
+                return self.net(x)
+        return self.net(x)
+
     def _evaluate(self, x: torch.Tensor) -> torch.Tensor:
         with self._range("nst::network"):
-            if self.dtype is not None:
-                with torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=self.cache):
-                    feats = self.net(x)
-            else:
-                feats = self.net(x)
+            feats = self.features(x)
         with self._range("nst::losses"):
             return self._losses(x, feats)
 

@@ -28,8 +28,7 @@ from .settings import StylizeSettings
 from .sizes import fit_long_edge, wxh
 from .steppers import Stepper, make_stepper
 from .targets import Targets, compute_targets
-from .layers import deepest, tile_halo
-from .tiles import TiledObjective, make_tiles
+from .tiles import TiledObjective, tiles_for
 
 log = logging.getLogger("nst")
 
@@ -136,8 +135,7 @@ def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], set
         raise InputError("--checkpointing on needs the eager extractor; a TorchScript extractor cannot recompute blocks")
     mem = plan_memory(*out_hw, settings.taps(), settings.network, plan.act_bytes, settings.pool, plan.device,
                       settings.checkpointing, settings.memory_limit, can_ckpt, style_hws, tile=settings.tile)
-    if mem.tile and len(make_tiles(out_hw, mem.tile, tile_halo(settings.taps(), settings.network),
-                                   deepest(settings.taps(), settings.network).stride)) == 1:
+    if mem.tile and len(tiles_for(out_hw, mem.tile, settings.taps(), settings.network)) == 1:
         mem.tile = None  # one tile would be the plain step with a second forward: run plain
     log.debug("%s", mem.describe())
     if mem.checkpoint or mem.tile:

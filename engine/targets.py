@@ -89,9 +89,9 @@ def compute_targets(
     else:
         maps, _ = tiled_features(extractor, content.float(), tile, network, maps=[n for n, _ in content_layers])
         content_feats = [maps[n] for n, _ in content_layers]
-        strides = {n: layer_by_name(network)[n] for n, _ in content_layers + style_layers}
-        shapes = {n: (s.out_channels, content.shape[-2] // s.stride, content.shape[-1] // s.stride)
-                  for n, s in strides.items()}
+        table = layer_by_name(network)
+        shapes = {n: (table[n].out_channels, content.shape[-2] // table[n].stride,
+                      content.shape[-1] // table[n].stride) for n, _ in content_layers + style_layers}
     content_factors = tuple(w * content_norm_factor(content_norm, shapes[n][0], shapes[n][1] * shapes[n][2])
                             for n, w in content_layers)
     style_factors = tuple(w * style_norm_factor(gram_norm, shapes[n][0], shapes[n][1] * shapes[n][2])

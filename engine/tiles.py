@@ -40,11 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from .gram_op import gram_mc
-from .layers import layers_upto, tile_halo
+from .layers import deepest, layer_by_name, tile_halo
 from .losses import tv_loss
-
-
-halo = tile_halo  # engine/layers.py: the context each side of an interior, on the stride grid
 
 
 @dataclass(frozen=True)
@@ -60,21 +57,20 @@ class Tile:
     cx0: int
     cx1: int
 
-    def interior(self, f: torch.Tensor, stride: int, hw: tuple[int, int]) -> torch.Tensor:
-        """The interior cells of the crop's features ``f`` (1, C, h, w) at ``stride``; the last
-        tile of a row or column reaches the map's end (floor(H / stride) cells)."""
-        h, w = hw
-        ya, xa = (self.y0 - self.cy0) // stride, (self.x0 - self.cx0) // stride
-        yb = (self.y1 if self.y1 < h else (h // stride) * stride) // stride - self.cy0 // stride
-        xb = (self.x1 if self.x1 < w else (w // stride) * stride) // stride - self.cx0 // stride
-        return f[:, :, ya:yb, xa:xb]
-
     def region(self, stride: int, hw: tuple[int, int]) -> tuple[slice, slice]:
-        """The interior's rows and columns in the full map at ``stride``."""
+        """The interior's rows and columns in the full map at ``stride``; the last tile of a
+        row or column reaches the map's end (floor(H / stride) cells)."""
         h, w = hw
         yb = (self.y1 if self.y1 < h else (h // stride) * stride) // stride
         xb = (self.x1 if self.x1 < w else (w // stride) * stride) // stride
         return slice(self.y0 // stride, yb), slice(self.x0 // stride, xb)
+
+    def interior(self, f: torch.Tensor, stride: int, hw: tuple[int, int]) -> torch.Tensor:
+        """The interior cells of the crop's features ``f`` (1, C, h, w) at ``stride``: the
+        region, shifted by the crop's origin (a multiple of every tap's stride)."""
+        rows, cols = self.region(stride, hw)
+        dy, dx = self.cy0 // stride, self.cx0 // stride
+        return f[:, :, rows.start - dy:rows.stop - dy, cols.start - dx:cols.stop - dx]
 
 
 def _edges(n: int, tile: int, stride: int) -> list[int]:
@@ -101,6 +97,12 @@ def make_tiles(hw: tuple[int, int], tile: int, halo_px: int, stride: int) -> lis
     return out
 
 
+def tiles_for(hw: tuple[int, int], tile: int, taps, network: str) -> list[Tile]:
+    """The tiles of an image of (H, W) px for a network cut at ``taps``: halo and stride from
+    the layer table (engine/layers.py)."""
+    return make_tiles(hw, tile, tile_halo(taps, network), deepest(tuple(taps), network).stride)
+
+
 def _mc(f: torch.Tensor) -> torch.Tensor:
     """(1, C, h, w) -> (h*w, C), a view for channels-last features."""
     return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
@@ -116,41 +118,34 @@ class TiledObjective:
         # fp16: pass 2's backward runs on the surrogate times this (as the steppers scale the
         # loss), so small gradients do not underflow in the fp16 convolutions' backward.
         self.scale = loss_scale or 1.0
-        self.net = objective.net
-        taps = list(self.net.taps)
-        self.taps = taps
-        self.strides = [layers_upto((t,), network)[-1].stride for t in taps]
-        self.halo = halo(taps, network)
-        self.stride = max(self.strides)
-        self.tile = tile
-        self.math = objective.math
-        self.cache = True
-
-    def _forward(self, crop: torch.Tensor):
-        b = self.base
-        if b.dtype is not None:
-            with torch.autocast(b.device_type, dtype=b.dtype):
-                return self.net(crop)
-        return self.net(crop)
+        self.taps, self.network, self.tile = tuple(objective.net.taps), network, tile
+        self.strides = [layer_by_name(network)[t].stride for t in self.taps]
+        self.math = objective.math  # the steppers run every step under it
 
     def tiles(self, hw) -> list[Tile]:
-        return make_tiles(hw, self.tile, self.halo, self.stride)
+        return tiles_for(hw, self.tile, self.taps, self.network)
+
+    def _tile_terms(self, t: Tile, feats, hw) -> tuple[list, list]:
+        """One tile's part of the sums: per style layer its interior's F^T F (float32), per
+        content layer its interior's sum of squared differences from the target."""
+        b = self.base
+        grams = [gram_mc(_mc(t.interior(feats[i], self.strides[i], hw))) for i in b.style_idx]  # (C, C) each
+        csums = []
+        for k, i in enumerate(b.content_idx):
+            rows, cols = t.region(self.strides[i], hw)
+            f = t.interior(feats[i], self.strides[i], hw).float()
+            csums.append((f - b.targets.content[k][:, :, rows, cols]).square().sum())
+        return grams, csums
 
     def _sums(self, x: torch.Tensor):
         """Pass 1: the global Grams (unnormalised, float32) and content sums, no gradients."""
-        b, hw = self.base, tuple(x.shape[-2:])
-        grams = [None] * len(b.style_idx)
-        csums = [x.new_zeros((), dtype=torch.float32) for _ in b.content_idx]
+        hw = tuple(x.shape[-2:])
+        grams = csums = None
         with torch.no_grad():
             for t in self.tiles(hw):
-                feats = self._forward(x[:, :, t.cy0:t.cy1, t.cx0:t.cx1])
-                for k, i in enumerate(b.style_idx):
-                    g = gram_mc(_mc(t.interior(feats[i], self.strides[i], hw)))  # (C, C) float32
-                    grams[k] = g if grams[k] is None else grams[k] + g
-                for k, i in enumerate(b.content_idx):
-                    rows, cols = t.region(self.strides[i], hw)
-                    f = t.interior(feats[i], self.strides[i], hw).float()
-                    csums[k] = csums[k] + (f - b.targets.content[k][:, :, rows, cols]).square().sum()
+                g, c = self._tile_terms(t, self.base.features(x[:, :, t.cy0:t.cy1, t.cx0:t.cx1]), hw)
+                grams = g if grams is None else [a + d for a, d in zip(grams, g)]
+                csums = c if csums is None else [a + d for a, d in zip(csums, c)]
         return grams, csums
 
     def _terms(self, x: torch.Tensor, grams, csums):
@@ -176,20 +171,16 @@ class TiledObjective:
 
     def _image_grad(self, x: torch.Tensor, c_grads, s_grads) -> torch.Tensor:
         """Pass 2: the image gradient of the content and style terms, tile by tile."""
-        b, hw = self.base, tuple(x.shape[-2:])
+        hw = tuple(x.shape[-2:])
         grad = torch.zeros_like(x)
         for t in self.tiles(hw):
             crop = x[:, :, t.cy0:t.cy1, t.cx0:t.cx1].detach().requires_grad_(True)
             with torch.enable_grad():
-                feats = self._forward(crop)
-                sur = crop.new_zeros((), dtype=torch.float32)
-                for k, i in enumerate(b.style_idx):
-                    g = gram_mc(_mc(t.interior(feats[i], self.strides[i], hw)))
-                    sur = sur + (s_grads[k] * g).sum()  # gradient: F_int (dG + dG^T) restricted to the interior
-                for k, i in enumerate(b.content_idx):
-                    rows, cols = t.region(self.strides[i], hw)
-                    f = t.interior(feats[i], self.strides[i], hw).float()
-                    sur = sur + c_grads[k] * (f - b.targets.content[k][:, :, rows, cols]).square().sum()
+                grams, csums = self._tile_terms(t, self.base.features(crop), hw)
+                # Its gradient in the interior features is the true one: F_int (dG + dG^T) for
+                # the style terms with dL/dG fixed from pass 1, and the content terms' own.
+                sur = sum((s * g).sum() for s, g in zip(s_grads, grams)) + sum(c * v for c, v in zip(c_grads, csums))
+                sur = sur + crop.new_zeros(())  # a tensor even with no content or style layer
                 (g_crop,) = torch.autograd.grad(sur * self.scale, crop)
             grad[:, :, t.cy0:t.cy1, t.cx0:t.cx1] += g_crop / self.scale
         return grad
@@ -242,10 +233,10 @@ def tiled_features(extractor, img: torch.Tensor, tile: int, network: str, maps=(
     float32 map assembled from the interiors} for ``maps``, {tap: (1, C, C) Gram normalised
     by C*h*w, as engine/losses.py's ``gram``} for ``grams``)."""
     taps = list(extractor.taps)
-    strides = {t: layers_upto((t,), network)[-1].stride for t in taps}
+    strides = {t: layer_by_name(network)[t].stride for t in taps}
     hw = tuple(img.shape[-2:])
     out_maps, sums = {}, {}
-    for t in make_tiles(hw, tile, halo(taps, network), max(strides.values())):
+    for t in tiles_for(hw, tile, taps, network):
         feats = dict(zip(taps, extractor(img[:, :, t.cy0:t.cy1, t.cx0:t.cx1])))
         for name in maps:
             s = strides[name]

@@ -6,11 +6,11 @@ the image and tiles smaller than the halo; tiled targets; Adam and L-BFGS trajec
 import pytest
 import torch
 
-from nst.engine.layers import layer_by_name, layers_upto
+from nst.engine.layers import layer_by_name, layers_upto, tile_halo
 from nst.engine.session import prepare
 from nst.engine.settings import StylizeSettings
 from nst.engine.targets import compute_targets
-from nst.engine.tiles import halo, make_tiles
+from nst.engine.tiles import make_tiles
 
 W = "random:5"
 
@@ -21,7 +21,7 @@ def _img(h, w, seed):
 
 def test_halo_from_the_layer_table():
     # relu5_1's receptive field is 156 px = 16 + 2 x 70: 70 px of context, 80 on the 16 px grid.
-    assert halo(("relu5_1",)) == 80
+    assert tile_halo(("relu5_1",)) == 80
     rf = 1
     jump = 1
     for layer in layers_upto(("relu5_1",)):
@@ -31,9 +31,9 @@ def test_halo_from_the_layer_table():
             rf += jump
             jump *= 2
     assert rf == 156 and (rf - layer_by_name("vgg19")["relu5_1"].stride) // 2 == 70
-    assert halo(("relu1_1", "relu2_1")) == 4  # 1 + 1 + 2 = 4 px at stride 2
-    assert halo(("relu3_1",)) == 12  # 1 + 1 + 2 + 2 + 4 = 10, rounded up to stride 4
-    assert halo(("relu5_1",), "vgg16") == 64  # 2 + 4 + 12 + 24 + 16 = 58 -> 64
+    assert tile_halo(("relu1_1", "relu2_1")) == 4  # 1 + 1 + 2 = 4 px at stride 2
+    assert tile_halo(("relu3_1",)) == 12  # 1 + 1 + 2 + 2 + 4 = 10, rounded up to stride 4
+    assert tile_halo(("relu5_1",), "vgg16") == 64  # 2 + 4 + 12 + 24 + 16 = 58 -> 64
 
 
 @pytest.mark.parametrize("hw,tile", [((150, 181), 48), ((97, 260), 64), ((130, 130), 16), ((64, 64), 1000)])
