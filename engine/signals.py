@@ -26,9 +26,18 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+_held = [0]  # depth of deferred() blocks in progress
+_pending: list[int] = []  # a first signal that arrived inside one, raised when it ends
+
+
 def _handler(signum, frame):
     _received.append(signum)
     if len(_received) == 1:
+        if _held[0]:
+            # Another thread took the signal (a thread's mask is its own: torch's and gloo's
+            # threads do not block it); the main thread raises it when the block ends.
+            _pending.append(signum)
+            return
         raise Stopped(signum)  # the first stops the render; the image is still written
     if len(_received) == 2:
         print("nst: stopping: writing the image (a third signal quits at once, without it)", file=sys.stderr)
@@ -52,12 +61,18 @@ def stop_signal() -> int | None:
 @contextlib.contextmanager
 def deferred():
     """Hold the stop signals until the block ends (they are delivered then), so that a file
-    being written is complete before a signal can interrupt anything."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    being written is complete, or every rank's collective is done (engine/tiles.py), before
+    a signal can interrupt anything. Blocked in this thread; one taken by another thread
+    is held by the handler (``stop_on_signals``) until the block ends."""
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if main and hasattr(signal, "pthread_sigmask") \
+        else None
+    _held[0] += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _held[0] -= 1
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a signal blocked meanwhile is raised here
+    if not _held[0] and _pending:
+        raise Stopped(_pending.pop())
