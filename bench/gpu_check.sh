@@ -10,6 +10,7 @@
 #   bash bench/gpu_check.sh quality4k # the same at 4096 px / 60 s (about 8 min)
 #   bash bench/gpu_check.sh suite     # pytest, everything (about 6 min on an H100 machine's CPUs)
 #   bash bench/gpu_check.sh render    # 4096 px under --time-budget 45, timed from process start; C++ host on CUDA
+#   bash bench/gpu_check.sh tiles     # nst bench-tiles on CUDA; a one-rank NCCL render; 8192 px under --time-budget 240
 #   bash bench/gpu_check.sh all       # all of them in turn
 #
 # Uses the machine's own torch (installs this project with --no-deps, never torch itself).
@@ -102,6 +103,43 @@ PY
     "$(grep -E 'passed|failed|skipped|error' "$log" | tail -1)"
 }
 
+tiles() {
+  local log="$LOGS/tiles.log" dir="$LOGS/tiles"
+  mkdir -p "$dir"
+  NST_OFFLINE=1 timeout 280 $PY -m nst bench-tiles --device cuda --no-ranks-comm --out bench/results >> "$log" 2>&1
+  local rc=$?
+  row tiles "nst bench-tiles (tiled vs untiled ms/step)" "$([ $rc = 0 ] && echo ok || echo FAIL)" \
+    "$(grep -E 'x untiled' "$log" | tr '\n' ';' | cut -c1-160)"
+  $PY - "$dir" <<'PY' >> "$log" 2>&1
+import sys
+from nst.engine.demo import make_content, make_style
+make_content(1600, 1200).save(f"{sys.argv[1]}/content.png")
+make_style(1024, 1024, seed=1).save(f"{sys.argv[1]}/style.png")
+PY
+  # One NCCL rank: the collectives and the lead/worker protocol on a GPU.
+  NST_OFFLINE=1 timeout 120 $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m nst stylize \
+    "$dir/content.png" --style "$dir/style.png" -o "$dir/nccl.png" --weights random:0 --size 1024 --steps 10 \
+    --tile 512 --distributed --device cuda --stats "$dir/nccl.json" >> "$log" 2>&1
+  rc=$?
+  row tiles "one-rank NCCL render, 1024 px, 512 px tiles" "$([ $rc = 0 ] && echo ok || echo FAIL)" \
+    "$(grep -E '^wrote' "$log" | tail -1 | cut -c1-120)"
+  local budget=240 start written
+  start=$(date +%s.%N)
+  NST_OFFLINE=1 timeout 330 $PY -m nst stylize "$dir/content.png" --style "$dir/style.png" -o "$dir/out8k.png" \
+    --weights random:0 --resize 8192x8192 --time-budget $budget --device cuda --stats "$dir/8k.json" >> "$log" 2>&1
+  rc=$?
+  if [ $rc = 0 ] && [ -f "$dir/out8k.png" ]; then
+    written=$($PY -c "import os, sys; print(f'{os.path.getmtime(sys.argv[1]) - float(sys.argv[2]):.1f}')" \
+      "$dir/out8k.png" "$start")
+    row tiles "8192 px, --time-budget $budget (tiles from the memory plan)" \
+      "$($PY -c "print('ok' if $written <= $budget else 'FAIL')")" \
+      "${written} s; $($PY -c "import json,sys; d=json.load(open(sys.argv[1])); print(f\"tile {d['tile']}, {d['steps_run']} steps\")" "$dir/8k.json")"
+  else
+    row tiles "8192 px, --time-budget $budget" FAIL "exit $rc (see tiles.log)"
+  fi
+  rm -f "$dir"/*.png
+}
+
 bench() {
   local log="$LOGS/bench.log"
   NST_OFFLINE=1 timeout 580 $PY -m nst bench --device cuda --sizes 512 1024 2048 --no-time-to-image \
@@ -113,9 +151,9 @@ bench() {
 
 stage=${1:-}
 case "$stage" in
-  fast|suite|render|bench|tti|quality|quality4k) setup; "$stage" ;;
-  all) setup; fast; bench; tti; quality; quality4k; suite; render ;;
-  *) echo "usage: bash bench/gpu_check.sh fast|bench|tti|quality|quality4k|suite|render|all" >&2; exit 2 ;;
+  fast|suite|render|bench|tti|quality|quality4k|tiles) setup; "$stage" ;;
+  all) setup; fast; bench; tti; quality; quality4k; suite; render; tiles ;;
+  *) echo "usage: bash bench/gpu_check.sh fast|bench|tti|quality|quality4k|suite|render|tiles|all" >&2; exit 2 ;;
 esac
 echo
 cat "$SUMMARY"

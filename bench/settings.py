@@ -101,3 +101,53 @@ class RecipeBenchSettings:
     out: str | None = option(None, help="directory for the JSON, markdown and plot" + OUT_DEFAULT, metavar="DIR")
     name: str | None = option(None, help="file stem (default: recipes-<device>)")
     quick: bool = option(False, help="64 px and one step: proves the script and the parity checks, measures nothing")
+
+
+@dataclass(frozen=True)
+class TileBenchSettings:
+    """``nst bench-tiles``: tiled against untiled ms/step (bench/tiles.py)."""
+
+    cases: tuple[str, ...] = option((), help="SIZE:TILE pairs: square image size and tile size in px (default: "
+                                    "1024:256 1024:512 2560:2048 on the CPU; 2048:512 2048:1024 4096:1024 4096:2048 "
+                                    "8192:2048 on GPUs)", metavar="SIZE:TILE")
+    steps: int = option(0, help="timed steps per row; the median is reported (default: 2 on the CPU, 10 on GPUs)")
+    warmup: int = option(0, help="untimed steps first (default: 1 on the CPU, 3 on GPUs)")
+    device: str = option("auto", help="auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    precision: str = option("auto", help="as nst stylize's --precision", choices=("auto", "fp32", "tf32", "bf16",
+                                                                                  "fp16"))
+    weights: str = option("random:0", help="weights spec; speed does not depend on the values", metavar="SPEC")
+    ranks_comm: bool = option(True, help="also time the two ways two gloo ranks can share a step's image and "
+                              "gradient (lead steps and broadcasts, or every rank steps)")
+    out: str | None = option(None, help="directory for the JSON and markdown" + OUT_DEFAULT, metavar="DIR")
+    name: str | None = option(None, help="file stem for the results (default: tiles-<device>)")
+    quick: bool = option(False, help="tiny sizes and one step: proves the script works end to end, measures nothing")
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.warmup < 0:
+            raise NSTError("--steps and --warmup must be at least 0")
+        self.case_pairs()
+
+    def case_pairs(self) -> list[tuple[int, int]]:
+        """The cases as (size, tile), each tile smaller than its size (one tile is the plain step)."""
+        out = []
+        for c in self.cases:
+            try:
+                size, tile = (int(v) for v in c.split(":"))
+            except ValueError:
+                raise NSTError(f"bad case {c!r}: write SIZE:TILE, e.g. 2048:512") from None
+            if not 0 < tile < size:
+                raise NSTError(f"bad case {c!r}: the tile must be positive and smaller than the size")
+            out.append((size, tile))
+        return out
+
+    def comm_sizes(self) -> tuple[int, ...]:
+        return (128,) if self.quick else (1024, 2048, 4096)
+
+    def resolved(self, gpu: bool) -> "TileBenchSettings":
+        cfg = self
+        if cfg.quick:
+            cfg = dataclasses.replace(cfg, cases=cfg.cases or ("96:48",), steps=cfg.steps or 1, warmup=cfg.warmup or 1)
+        default = ("2048:512", "2048:1024", "4096:1024", "4096:2048", "8192:2048") if gpu else \
+            ("1024:256", "1024:512", "2560:2048")
+        return dataclasses.replace(cfg, cases=tuple(cfg.cases) or default, steps=cfg.steps or (10 if gpu else 2),
+                                   warmup=cfg.warmup or (3 if gpu else 1))

@@ -17,7 +17,7 @@ from .lazy import lazy_names
 
 _WHERE = {
     "ExportError": "errors", "InputError": "errors", "ManifestError": "errors", "NonFiniteLossError": "errors",
-    "NSTError": "errors", "WeightsError": "errors",
+    "NSTError": "errors", "RankLostError": "errors", "WeightsError": "errors",
     "VGGFeatures": "features", "build_extractor": "features",
     "DEFAULT_TAPS": "layers", "IMAGENET_MEAN": "layers", "IMAGENET_STD": "layers", "parse_taps": "layers",
     "vgg_layers": "layers",

@@ -36,3 +36,12 @@ class NonFiniteLossError(NSTError):
     def __init__(self, message: str, result=None):
         super().__init__(message)
         self.result = result  # engine.stats.Result | None
+
+
+class RankLostError(NSTError):
+    """A rank of a distributed render stopped answering (died, or passed --rank-timeout).
+    ``result`` holds the lead's best image so far, if any (engine/ranks.py)."""
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result  # engine.stats.Result | None

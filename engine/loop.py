@@ -20,9 +20,10 @@ import torch
 
 from .color import original_colors
 from .device import float32_math, sync
-from .errors import NonFiniteLossError
+from .errors import InputError, NonFiniteLossError, RankLostError
 from .session import Prepared, prepare
 from .settings import StylizeSettings
+from .sizes import wxh
 from .stats import Result, RunStats
 
 
@@ -30,12 +31,17 @@ from .stats import Result, RunStats
 class StepInfo:
     """What the callback sees after each step."""
 
-    step: int  # steps done in this run: 0 once before the first step, then 1, 2, ...
+    step: int  # steps done at this scale: 0 (or a resumed render's start) before the first step, then 1, 2, ...
     steps: int  # steps planned in this run
     losses: list[float] | None  # [total, content, style, tv] at progress intervals, else None
     steps_per_s: float  # since the first step of this run
     x: torch.Tensor  # the image being optimised (a live view: copy it, or call image())
     before: int = 0  # steps of the earlier scales of a multi-scale render
+    scale: int = 0  # index of the scale (multi-scale)
+    # The optimiser's state now (the stepper's state_dict; engine/state.py saves it with
+    # the image for --resume); read it at progress intervals only.
+    optimizer_state: Callable[[], dict] | None = None
+    opening: bool = False  # the call before the first step (a progress bar opens)
 
     @property
     def render_step(self) -> int:
@@ -109,25 +115,41 @@ class _Best:
 
 def run(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], settings: StylizeSettings | None = None,
         extractor=None, init: str | torch.Tensor | None = None, callback: Callback | None = None,
-        stop_rule: StopRule | None = None) -> Result:
+        stop_rule: StopRule | None = None, resume=None) -> Result:
     """Stylise ``content`` (3, H, W) with ``styles`` [((3, h, w), weight)], values in [0, 1].
 
     ``extractor`` defaults to the one ``settings`` describe (``--extractor`` export dir or
     ``--weights``); ``callback(StepInfo)`` is called before the first step and after every step.
+    ``resume`` (an engine/state.py RenderState) continues from its image, optimiser state and step.
     """
     t_start = time.perf_counter()
-    p = prepare(content, styles, settings or StylizeSettings(), extractor, init)
-    return optimize(p, callback, t_start, stop_rule)
+    p = prepare(content, styles, settings or StylizeSettings(), extractor,
+                init if resume is None else resume.image)
+    if resume is not None:
+        check_resume(resume, p)
+        p.stepper.load_state_dict(resume.optimizer)
+    return optimize(p, callback, t_start, stop_rule, start=0 if resume is None else resume.step)
+
+
+def check_resume(resume, p: Prepared) -> None:
+    """The state file's image and step fit this render (engine/state.py)."""
+    hw = tuple(resume.image.shape[-2:])
+    if hw != tuple(p.out_hw):
+        raise InputError(f"--resume: the state's image is {wxh(hw)}, this render's is {wxh(p.out_hw)}")
+    if resume.step > p.settings.steps:
+        raise InputError(f"--resume: the state is from step {resume.step}, past --steps {p.settings.steps}")
 
 
 def optimize(p: Prepared, callback: Callback | None = None, t_start: float | None = None,
-             stop_rule: StopRule | None = None) -> Result:
+             stop_rule: StopRule | None = None, start: int = 0) -> Result:
     """Run the steps of a prepared render; ``settings.time_limit`` counts from ``t_start``;
-    ``stop_rule`` may end it early at a progress interval."""
+    ``stop_rule`` may end it early at a progress interval; ``start``: the steps already done
+    (a resumed render: the loop goes on from there, with the learning rate of that step)."""
     s, stepper, x = p.settings, p.stepper, p.x
     t_start = time.perf_counter() if t_start is None else t_start
     stats = _new_stats(p)
-    hist = torch.full((s.steps, 4), float("nan"), device=x.device)  # per step [total, content, style, tv]
+    start = min(start, s.steps)
+    hist = torch.full((s.steps - start, 4), float("nan"), device=x.device)  # per step run [total, content, style, tv]
     best = _Best(x)
     scheduled = s.lr_schedule != "constant"
     deadline = None if s.time_limit is None else t_start + s.time_limit
@@ -135,12 +157,13 @@ def optimize(p: Prepared, callback: Callback | None = None, t_start: float | Non
     stats.setup_s = time.perf_counter() - t_start
     t0 = time.perf_counter()
     pace = _Pace(t0, asynchronous=x.device.type == "cuda")
-    done = 0
+    done = start
+    state = getattr(stepper, "state_dict", None)
     if callback is not None:
-        callback(StepInfo(0, s.steps, None, 0.0, x))  # about to start (a progress bar opens)
+        callback(StepInfo(start, s.steps, None, 0.0, x, optimizer_state=state, opening=True))
     try:
-        for i in range(s.steps):
-            if deadline is not None and i > 0 and pace.next_done() > deadline:
+        for i in range(start, s.steps):
+            if deadline is not None and i > start and pace.next_done() > deadline:
                 stats.stopped = "time-limit"  # the next step would end past the limit
                 break
             report = i % s.progress_every == 0 or i == s.steps - 1
@@ -148,9 +171,9 @@ def optimize(p: Prepared, callback: Callback | None = None, t_start: float | Non
                 best.snap.copy_(x.detach())  # the image this step evaluates
             if scheduled:
                 stepper.set_lr(s.lr_at(i))
-            hist[i].copy_(stepper.step())
+            hist[i - start].copy_(stepper.step())
             done = i + 1
-            losses = hist[i].tolist() if report else None  # host sync: progress interval only
+            losses = hist[i - start].tolist() if report else None  # host sync: progress interval only
             pace.issued(synced=report)
             if losses is not None:
                 if not all(math.isfinite(v) for v in losses):
@@ -158,7 +181,8 @@ def optimize(p: Prepared, callback: Callback | None = None, t_start: float | Non
                     break
                 best.offer(losses[0], i, best.snap)
             if callback is not None:
-                callback(StepInfo(done, s.steps, losses, done / max(time.perf_counter() - t0, 1e-9), x))
+                callback(StepInfo(done, s.steps, losses, (done - start) / max(time.perf_counter() - t0, 1e-9), x,
+                                  optimizer_state=state))
             if losses is not None and stop_rule is not None:
                 why = stop_rule(i, losses[0])  # the loss after i steps (this step evaluated it)
                 if why:
@@ -166,9 +190,11 @@ def optimize(p: Prepared, callback: Callback | None = None, t_start: float | Non
                     break
     except KeyboardInterrupt:
         stats.stopped = "interrupted"
+    except RankLostError as e:  # a distributed render lost a rank (engine/ranks.py): keep the best image
+        stats.stopped, stats.stop_reason = "rank-lost", str(e)
     sync(x.device)
     stats.loop_s = time.perf_counter() - t0
-    return _finish(p, stats, hist, done, best, t_start)
+    return _finish(p, stats, hist, done, best, t_start, start)
 
 
 def _new_stats(p: Prepared) -> RunStats:
@@ -182,20 +208,23 @@ def _new_stats(p: Prepared) -> RunStats:
     )
 
 
-def _finish(p: Prepared, stats: RunStats, hist: torch.Tensor, done: int, best: _Best, t_start: float) -> Result:
+def _finish(p: Prepared, stats: RunStats, hist: torch.Tensor, done: int, best: _Best, t_start: float,
+            start: int = 0) -> Result:
     """Fill in the statistics and pick the returned image: the final image (evaluated once
     more here, without a step) or the best one seen at a progress interval."""
     stats.capture_s = p.stepper.capture_s
-    stats.steps_run = done
-    stats.steps_per_s = done / stats.loop_s if stats.loop_s > 0 else 0.0
-    h = hist[:done].cpu()
+    stats.steps_run = done - start
+    stats.steps_per_s = stats.steps_run / stats.loop_s if stats.loop_s > 0 else 0.0
+    h = hist[:done - start].cpu()
     stats.loss, stats.content, stats.style, stats.tv = (h[:, k].tolist() for k in range(4))
-    if stats.stopped != "non-finite":
+    if stats.stopped not in ("non-finite", "rank-lost"):
         try:
             with torch.no_grad(), float32_math(p.objective.math):
                 final = p.objective(p.x.detach()).tolist()
         except KeyboardInterrupt:  # a second Ctrl-C: keep the best image seen, skip this check
             stats.stopped, final = "interrupted", [math.nan]
+        except RankLostError as e:  # the workers went first (a signal reaches every rank)
+            stats.stopped, stats.stop_reason, final = stats.stopped or "rank-lost", str(e), [math.nan]
         if math.isfinite(final[0]):
             best.offer(final[0], done, p.x.detach(), ties=True)  # on a tie, the image with more steps
     stats.final_loss, stats.image_from_step = best.loss, best.step
@@ -207,13 +236,16 @@ def _finish(p: Prepared, stats: RunStats, hist: torch.Tensor, done: int, best: _
             image = original_colors(image, p.content_img)
         result = Result(image[0].contiguous().cpu(), stats)
     if stats.stopped == "non-finite":
-        raise NonFiniteLossError(_nonfinite_message(hist[:done], p, best.step), result)
+        raise NonFiniteLossError(_nonfinite_message(hist[:done - start], p, best.step, start), result)
+    if stats.stopped == "rank-lost":
+        kept = f"the best image so far is from step {best.step}" if best.step >= 0 else "no image was reached"
+        raise RankLostError(f"{stats.stop_reason}; {kept}", result)
     return result
 
 
-def _nonfinite_message(hist: torch.Tensor, p: Prepared, good_step: int) -> str:
+def _nonfinite_message(hist: torch.Tensor, p: Prepared, good_step: int, start: int = 0) -> str:
     bad = (~torch.isfinite(hist)).any(dim=1).nonzero()
-    step = int(bad[0, 0]) + 1 if len(bad) else hist.shape[0]
+    step = start + (int(bad[0, 0]) + 1 if len(bad) else hist.shape[0])
     advice = [f"a lower --lr (now {p.settings.learning_rate:g})"]
     if p.plan.precision == "fp16":
         advice.insert(0, "--precision bf16 or fp32, or a smaller --loss-scale")

@@ -107,12 +107,18 @@ def estimate_step_bytes(h: int, w: int, taps: tuple[str, ...], network: str = "v
 TILE_SIZES = (2048, 1024, 512, 256, 128, 64)  # tried largest first when only tiles fit
 
 
+def tile_interior(tile: int, stride: int) -> int:
+    """A requested tile size as the tiles use it: rounded up to the deepest tap's stride
+    (at least one stride), so that tile edges stay on the pooling grid."""
+    return max(stride, -(-tile // stride) * stride)
+
+
 def estimate_tiled_bytes(h: int, w: int, tile: int, taps: tuple[str, ...], network: str = "vgg19",
                          act_bytes: int = 4, pool: str = "max", n_content: int = 1) -> int:
     """A tiled step (engine/tiles.py): what stays whole (weights, image, Adam state, content
     target; plus the gradient being summed and TV's copy of the image) and one crop's step."""
     halo, stride = tile_halo(taps, network), deepest(taps, network).stride
-    t = -(-tile // stride) * stride  # rounded up to the stride, as engine/tiles.py's make_tiles does
+    t = tile_interior(tile, stride)
     ch, cw = min(h, t + 2 * halo), min(w, t + 2 * halo)
     whole = estimate_breakdown(h, w, taps, network, act_bytes, pool, False, n_content)["resident"]
     crop = estimate_breakdown(ch, cw, taps, network, act_bytes, pool, False, n_content)["step"]

@@ -20,7 +20,7 @@ import time
 from .adaptive import (FINAL_MIN_SHARE, MoveOnRule, coarse_limit, move_on_threshold, progress_interval,
                        worth_running)
 from .budget import ScaleCost, ScalePlan, allocate, budget_margin, calibrate, replan
-from .errors import NonFiniteLossError
+from .errors import InputError, NonFiniteLossError, RankLostError
 from .imageio import resize_to
 from .loader import load_extractor
 from .loop import Callback, run
@@ -28,10 +28,10 @@ from .settings import StylizeSettings
 from .stats import Result
 
 
-def _offset(callback: Callback | None, before: int) -> Callback | None:
+def _offset(callback: Callback | None, before: int, scale: int) -> Callback | None:
     if callback is None:
         return None
-    return lambda info: callback(dataclasses.replace(info, before=before))
+    return lambda info: callback(dataclasses.replace(info, before=before, scale=scale))
 
 
 def plan_scales(content, styles, settings: StylizeSettings, extractor, t_start: float,
@@ -54,17 +54,23 @@ def plan_scales(content, styles, settings: StylizeSettings, extractor, t_start: 
 
 
 def render(content, styles, settings: StylizeSettings, extractor=None, init=None, callback: Callback | None = None,
-           t_start: float | None = None, on_plan=None, finish_s: float = 0.0) -> Result:
+           t_start: float | None = None, on_plan=None, finish_s: float = 0.0, resume=None) -> Result:
     """Single- or multi-scale render, optionally under ``settings.time_budget`` seconds.
 
     ``t_start`` is when the budget's clock started (default: now); ``finish_s`` is what the
     caller needs after the render to finish within the budget (writing the image).
     ``on_plan(plans)`` is called once the plan is known (the CLI prints it). The result's
-    ``stats.scales`` lists each scale's plan and outcome.
+    ``stats.scales`` lists each scale's plan and outcome. ``resume`` (engine/state.py's
+    RenderState; not with a budget) skips the scales before its own and goes on from its step.
     """
     t_start = time.perf_counter() if t_start is None else t_start
+    if resume is not None and settings.time_budget is not None:
+        raise InputError("--resume continues a render of fixed steps; a --time-budget render cannot be resumed")
     if len(settings.scale_sizes()) == 1 and settings.time_budget is None:
-        return run(content, styles, settings, extractor=extractor, init=init, callback=callback)
+        if resume is not None and resume.scale != 0:
+            raise InputError("--resume: the state file is from scale "
+                             f"{resume.scale + 1} of a multi-scale render; this render has one scale")
+        return run(content, styles, settings, extractor=extractor, init=init, callback=callback, resume=resume)
     if extractor is None:  # loaded once here, not once per scale
         extractor = load_extractor(settings.extractor, settings.weights, settings.taps(), settings.pool,
                                    settings.network)
@@ -72,16 +78,23 @@ def render(content, styles, settings: StylizeSettings, extractor=None, init=None
     if on_plan is not None:
         on_plan(plans)
     image, result, steps_before = init, None, 0
+    if resume is not None and not 0 <= resume.scale < len(plans):
+        raise InputError(f"--resume: the state file is from scale {resume.scale + 1}; this render has {len(plans)}")
     pacer = _Pacer(plans, settings, t_start, finish_s)
     for k, scale in enumerate(plans):
+        if resume is not None and k < resume.scale:
+            continue  # done before the state was written
         t0 = time.perf_counter()
         s_k, rule = pacer.scale_settings(k, content, t0)
-        if image is not None and k > 0:
+        here = resume if resume is not None and k == resume.scale else None  # this scale starts from the state
+        if here is None and image is not None and k > 0:
             image = resize_to(image, scale.hw)  # upsample the previous scale's result
+        if here is not None:
+            steps_before = here.before
         try:
             result = run(content, styles, s_k, extractor=extractor, init=image,
-                         callback=_offset(callback, steps_before), stop_rule=rule)
-        except NonFiniteLossError as e:
+                         callback=_offset(callback, steps_before, k), stop_rule=rule, resume=here)
+        except (NonFiniteLossError, RankLostError) as e:
             if e.result is not None:
                 e.result.image = resize_to(e.result.image, plans[-1].hw)
             raise
@@ -89,7 +102,7 @@ def render(content, styles, settings: StylizeSettings, extractor=None, init=None
         scale.actual_s, scale.steps_run = time.perf_counter() - t0, st.steps_run
         scale.first_loss, scale.final_loss = (st.loss[0] if st.loss else None), st.final_loss
         scale.why = _why(st, k == len(plans) - 1, settings.time_budget is not None)
-        image, steps_before = result.image, steps_before + result.stats.steps_run
+        image, steps_before = result.image, steps_before + result.stats.steps_run + (here.step if here else 0)
         if result.stats.stopped == "interrupted":
             break
     return _finish(result, plans, settings, t_start)

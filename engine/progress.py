@@ -30,8 +30,8 @@ class ProgressBar:
         self.bar = None
 
     def __call__(self, info: StepInfo) -> None:
-        if info.step == 0:
-            self._open(info.steps)
+        if info.opening:
+            self._open(info.steps, info.step)
             return
         if self.bar is not None:
             self.bar.update(1)
@@ -51,11 +51,11 @@ class ProgressBar:
         if info.step == info.steps:
             self.close()
 
-    def _open(self, steps: int) -> None:
+    def _open(self, steps: int, start: int = 0) -> None:
         from tqdm import tqdm
 
         self.close()
-        bar = tqdm(total=steps, unit="step", dynamic_ncols=True, leave=True, disable=None)
+        bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, leave=True, disable=None)
         self.bar = None if bar.disable else bar  # not a terminal: log lines instead
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ does not).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -21,14 +22,16 @@ from .device import float32_math, same_device
 from .errors import InputError
 from .imageio import resize_to
 from .loader import load_extractor
-from .memory import MemoryPlan, plan_memory
+from .memory import MemoryPlan, estimate_tiled_bytes, plan_memory
 from .objective import Objective
 from .plan import Plan, resolve_plan
 from .settings import StylizeSettings
+from .signals import deferred
 from .sizes import fit_long_edge, wxh
 from .steppers import Stepper, make_stepper
 from .targets import Targets, compute_targets
-from .tiles import TiledObjective, tiles_for
+from .ranks import PREPARE, for_settings
+from .tiles import TiledObjective, rank_tile, tiles_for
 
 log = logging.getLogger("nst")
 
@@ -112,6 +115,28 @@ def _sizes(content, styles, settings: StylizeSettings, min_side: int) -> tuple:
     return out_hw, style_hws
 
 
+def build_objective(extractor, content, styles, settings: StylizeSettings, plan: Plan, out_hw, style_hws,
+                    mem: MemoryPlan, ours: bool = False, ranks=None):
+    """The inputs at this size, the targets (once, float32, NCHW, whatever the loop runs in)
+    and the objective on the loop's own network: (objective, targets, content (1, 3, H, W),
+    [(style (1, 3, h, w), weight)]). Every rank makes this call (engine/worker.py)."""
+    device = torch.device(plan.device)
+    content_img = resize_to(content.float(), out_hw).unsqueeze(0).to(device)  # (1, 3, H, W)
+    style_imgs = [(resize_to(img.float(), hw).unsqueeze(0).to(device), float(w))
+                  for (img, w), hw in zip(styles, style_hws)]
+    ref_net = place_network(extractor, device, channels_last=False, owned=ours)
+    content_layers, style_layers = settings.layer_weights()
+    with float32_math(plan.float32_math):
+        targets = compute_targets(ref_net, content_img, style_imgs, content_layers, style_layers, settings.gram_norm,
+                                  settings.content_norm, tile=mem.tile, network=settings.network, ranks=ranks)
+    net = place_network(ref_net, device, plan.channels_last, mem.checkpoint, owned=ours or ref_net is not extractor)
+    objective = Objective(net, targets, settings, plan)
+    if mem.tile:
+        scale = settings.loss_scale if plan.precision == "fp16" else None
+        objective = TiledObjective(objective, mem.tile, settings.network, scale, ranks)
+    return objective, targets, content_img, style_imgs
+
+
 def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], settings: StylizeSettings,
             extractor=None, init: str | torch.Tensor | None = None) -> Prepared:
     """Resolve the plan, place the network, compute the targets once, build the stepper.
@@ -119,7 +144,6 @@ def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], set
     content: (3, H, W) and styles [((3, h, w), weight)], values in [0, 1], on any device.
     """
     plan = resolve_plan(settings)
-    device = torch.device(plan.device)
     ours = extractor is None  # loaded here: ours to convert in place
     if ours:
         extractor = load_extractor(settings.extractor, settings.weights, settings.taps(), settings.pool,
@@ -135,34 +159,34 @@ def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], set
         raise InputError("--checkpointing on needs the eager extractor; a TorchScript extractor cannot recompute blocks")
     mem = plan_memory(*out_hw, settings.taps(), settings.network, plan.act_bytes, settings.pool, plan.device,
                       settings.checkpointing, settings.memory_limit, can_ckpt, style_hws, tile=settings.tile)
-    if mem.tile and len(tiles_for(out_hw, mem.tile, settings.taps(), settings.network)) == 1:
+    ranks = for_settings(settings)
+    if ranks is not None:
+        # Across ranks every step is tiled, into at least one tile per rank.
+        if not mem.tile:
+            mem.tile = rank_tile(out_hw, ranks.world, settings.taps(), settings.network)
+            mem.tiled_bytes = estimate_tiled_bytes(*out_hw, mem.tile, settings.taps(), settings.network,
+                                                   plan.act_bytes, settings.pool)
+        mem.checkpoint = False
+    elif mem.tile and len(tiles_for(out_hw, mem.tile, settings.taps(), settings.network)) == 1:
         mem.tile = None  # one tile would be the plain step with a second forward: run plain
     log.debug("%s", mem.describe())
     if mem.checkpoint or mem.tile:
         log.info("%s", mem.describe())
     if mem.tile and (plan.cuda_graph or plan.compile):
         plan = dataclasses.replace(plan, cuda_graph=False, compile=False)  # a tiled step is a Python loop
-    content_img = resize_to(content.float(), out_hw).unsqueeze(0).to(device)  # (1, 3, H, W)
-    style_imgs = [(resize_to(img.float(), hw).unsqueeze(0).to(device), float(w))
-                  for (img, w), hw in zip(styles, style_hws)]
-
-    # Targets: once, float32, NCHW, whatever the loop runs in; then the loop's own network.
-    ref_net = place_network(extractor, device, channels_last=False, owned=ours)
-    content_layers, style_layers = settings.layer_weights()
-    with float32_math(plan.float32_math):
-        targets = compute_targets(ref_net, content_img, style_imgs, content_layers, style_layers, settings.gram_norm,
-                                  settings.content_norm, tile=mem.tile, network=settings.network)
-    net = place_network(ref_net, device, plan.channels_last, mem.checkpoint, owned=ours or ref_net is not extractor)
-
+    # Across ranks the workers build the same objective (engine/worker.py); a stop signal
+    # waits until every rank has left the targets' collectives.
+    with (deferred() if ranks is not None else contextlib.nullcontext()):
+        if ranks is not None:
+            ranks.command(PREPARE)
+            ranks.objects([settings, plan, out_hw, style_hws, mem])
+        objective, targets, content_img, style_imgs = build_objective(
+            extractor, content, styles, settings, plan, out_hw, style_hws, mem, ours, ranks)
     x = init_image(init if init is not None else settings.init, content_img, style_imgs, settings.seed)
     if plan.channels_last and settings.optimizer == "adam":
         # (L-BFGS flattens its parameters with .view(-1), so its image stays NCHW; the
         # network converts its input to channels-last inside.)
         x = x.contiguous(memory_format=torch.channels_last)
     x = x.detach().requires_grad_(True)  # (1, 3, H, W) float32, the only thing optimised
-    objective = Objective(net, targets, settings, plan)
-    if mem.tile:
-        scale = settings.loss_scale if plan.precision == "fp16" else None
-        objective = TiledObjective(objective, mem.tile, settings.network, scale)
     stepper = make_stepper(objective, x, settings, plan)
     return Prepared(settings, plan, stepper, objective, x, targets, content_img, out_hw, weights_info, mem)

@@ -122,6 +122,13 @@ class StylizeSettings:
                               "computed from a crop with its halo; loss and gradient equal the untiled ones; the memory "
                               "plan picks a tile itself when a step would not fit otherwise", metavar="PX",
                               loop_only=True)
+    distributed: bool = option(False, help="split every step's tiles over the ranks of a torchrun launch "
+                               "(NCCL on GPUs, gloo on CPUs): torchrun --nproc-per-node N -m nst stylize ...; on by "
+                               "itself when torchrun starts more than one rank; rank 0 writes the output",
+                               loop_only=True)
+    rank_timeout: float = option(600.0, help="with --distributed: seconds a rank waits for the others before the "
+                                 "run ends with an error (the lead keeps its best image so far)", metavar="SECONDS",
+                                 loop_only=True)
     checkpointing: str = option(
         "auto", help="activation checkpointing over the VGG blocks: auto = only when the memory plan says a plain "
         "step would not fit", choices=("auto", "on", "off"), loop_only=True)
@@ -170,7 +177,8 @@ class StylizeSettings:
         if not 0 <= self.seed <= MAX_SEED:
             raise InputError(f"--seed must be an integer from 0 to 2**63-1, got {self.seed}")
         positive = {"style_scale": self.style_scale, "loss_scale": self.loss_scale, "time_budget": self.time_budget,
-                    "time_limit": self.time_limit, "memory_limit": self.memory_limit}
+                    "time_limit": self.time_limit, "memory_limit": self.memory_limit,
+                    "rank_timeout": self.rank_timeout}
         for name, v in positive.items():
             if v is not None and not v > 0:
                 raise InputError(f"--{name.replace('_', '-')} must be positive, got {v}")
@@ -203,6 +211,10 @@ class StylizeSettings:
             raise InputError("--compile does not apply to tiled steps (--tile): each crop has its own shape")
         if self.tile is not None and self.checkpointing == "on":
             raise InputError("--tile and --checkpointing on are two ways to save memory: choose one")
+        if self.distributed and self.compile:
+            raise InputError("--distributed runs tiled steps; --compile does not apply to them")
+        if self.distributed and self.checkpointing == "on":
+            raise InputError("--distributed runs tiled steps; they cannot be combined with --checkpointing on")
         if self.reference and self.compile:
             raise InputError("--reference runs the plain eager loop; it cannot be combined with --compile")
         if self.reference and self.memory_format == "channels_last":

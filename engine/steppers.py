@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from .device import float32_math
+from .errors import InputError
 from .objective import Objective
 from .plan import Plan
 from .settings import StylizeSettings
@@ -35,6 +36,12 @@ class Stepper(Protocol):
 
     def set_lr(self, lr: float) -> None:
         """The learning rate of the next steps (no host sync)."""
+
+    def state_dict(self) -> dict:
+        """The optimiser's state (for --resume, engine/state.py)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict() (before the first step)."""
 
 
 class AdamStep:
@@ -65,6 +72,22 @@ class AdamStep:
             group["lr"].fill_(lr)  # a device-side fill: no host sync
         else:
             group["lr"] = lr
+
+    def state_dict(self) -> dict:
+        # Adam's moments and step count; the learning rate comes from the settings (and
+        # the schedule at the resumed step), not from the file.
+        return {"adam": self.opt.state_dict()["state"]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "adam" not in state:
+            raise InputError("--resume: the state file was written by another optimizer (not Adam)")
+        full = self.opt.state_dict()
+        full["state"] = state["adam"]
+        self.opt.load_state_dict(full)  # moved to the image's device and, fused/capturable, as Adam wants it
+        for st in self.opt.state.values():
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:  # in the image's memory layout (fused Adam wants them alike), whatever was saved
+                    st[k] = torch.empty_like(self.x).copy_(st[k])
 
     def _body(self) -> torch.Tensor:
         parts = self.objective(self.x)
@@ -148,6 +171,18 @@ class LBFGSStep:
 
     def set_lr(self, lr: float) -> None:
         self.opt.param_groups[0]["lr"] = lr
+
+    def state_dict(self) -> dict:
+        # The history and the loss unit fixed at the first evaluation (inv_scale).
+        return {"lbfgs": self.opt.state_dict()["state"], "inv_scale": self.inv_scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "lbfgs" not in state:
+            raise InputError("--resume: the state file was written by another optimizer (not L-BFGS)")
+        full = self.opt.state_dict()
+        full["state"] = state["lbfgs"]
+        self.opt.load_state_dict(full)
+        self.inv_scale = state["inv_scale"]
 
     def step(self) -> torch.Tensor:
         first: list[torch.Tensor] = []

@@ -67,6 +67,7 @@ def compute_targets(
     content_norm: str = "mean",
     tile: int | None = None,
     network: str = "vgg19",
+    ranks=None,
 ) -> Targets:
     """Run the extractor once on the content image and once per style image.
 
@@ -74,7 +75,8 @@ def compute_targets(
     Style Grams blend as sum_k (w_k / sum w) * G_k, so weights are relative. The
     normalisation factors use the feature shapes at the content image's size, which is
     the size the loop optimises. With ``tile`` the features are computed tile by tile
-    (engine/tiles.py), the same values in a crop's memory.
+    (engine/tiles.py), the same values in a crop's memory; with ``ranks`` too, the tiles are
+    shared out over the ranks (engine/ranks.py; every rank must make this call).
     """
     taps = list(extractor.taps)
     missing = [n for n, _ in content_layers + style_layers if n not in taps]
@@ -87,7 +89,8 @@ def compute_targets(
         content_feats = [feats[taps.index(n)].float().clone() for n, _ in content_layers]
         shapes = {n: tuple(feats[taps.index(n)].shape[1:]) for n, _ in content_layers + style_layers}  # (C, H, W)
     else:
-        maps, _ = tiled_features(extractor, content.float(), tile, network, maps=[n for n, _ in content_layers])
+        maps, _ = tiled_features(extractor, content.float(), tile, network, maps=[n for n, _ in content_layers],
+                                 ranks=ranks)
         content_feats = [maps[n] for n, _ in content_layers]
         table = layer_by_name(network)
         shapes = {n: (table[n].out_channels, content.shape[-2] // table[n].stride,
@@ -102,7 +105,8 @@ def compute_targets(
             feats = extractor(img.float())
             image_grams = [gram(feats[taps.index(name)]) for name, _ in style_layers]
         else:
-            _, by_name = tiled_features(extractor, img.float(), tile, network, grams=[n for n, _ in style_layers])
+            _, by_name = tiled_features(extractor, img.float(), tile, network, grams=[n for n, _ in style_layers],
+                                        ranks=ranks)
             image_grams = [by_name[name] for name, _ in style_layers]
         for i, g in enumerate(image_grams):
             g = g * share  # (1, C, C)

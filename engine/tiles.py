@@ -34,7 +34,6 @@ computed untiled (it is cheap).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +41,7 @@ import torch
 from .gram_op import gram_mc
 from .layers import deepest, layer_by_name, tile_halo
 from .losses import tv_loss
+from .memory import TILE_SIZES, tile_interior
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def make_tiles(hw: tuple[int, int], tile: int, halo_px: int, stride: int) -> lis
     """The tiles of an image of (H, W) px: interiors of ``tile`` px (rounded up to a
     multiple of ``stride``; the last ones take the rest), crops with ``halo_px`` each side."""
     h, w = hw
-    tile = max(stride, math.ceil(tile / stride) * stride)
+    tile = tile_interior(tile, stride)
     out = []
     ys, xs = _edges(h, tile, stride), _edges(w, tile, stride)
     for y0, y1 in zip(ys, ys[1:]):
@@ -103,6 +103,15 @@ def tiles_for(hw: tuple[int, int], tile: int, taps, network: str) -> list[Tile]:
     return make_tiles(hw, tile, tile_halo(taps, network), deepest(tuple(taps), network).stride)
 
 
+def rank_tile(hw: tuple[int, int], world: int, taps, network: str) -> int:
+    """The largest of the memory plan's tile sizes that gives every rank a tile (the
+    smallest when none does)."""
+    for t in TILE_SIZES:
+        if len(tiles_for(hw, t, taps, network)) >= world:
+            return t
+    return TILE_SIZES[-1]
+
+
 def _mc(f: torch.Tensor) -> torch.Tensor:
     """(1, C, h, w) -> (h*w, C), a view for channels-last features."""
     return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
@@ -113,7 +122,7 @@ class TiledObjective:
     computed tile by tile. Called on an image that requires grad, under grad mode, it also
     leaves the exact image gradient to autograd (as one node): the steppers need no change."""
 
-    def __init__(self, objective, tile: int, network: str, loss_scale: float | None = None):
+    def __init__(self, objective, tile: int, network: str, loss_scale: float | None = None, ranks=None):
         self.base = objective  # the untiled objective: network, targets, weights, autocast
         # fp16: pass 2's backward runs on the surrogate times this (as the steppers scale the
         # loss), so small gradients do not underflow in the fp16 convolutions' backward.
@@ -121,9 +130,14 @@ class TiledObjective:
         self.taps, self.network, self.tile = tuple(objective.net.taps), network, tile
         self.strides = [layer_by_name(network)[t].stride for t in self.taps]
         self.math = objective.math  # the steppers run every step under it
+        # engine/ranks.py: with ranks, each computes every world-th tile and the sums are
+        # reduced; the lead (rank 0) drives the evaluations, the workers follow.
+        self.ranks = ranks
 
     def tiles(self, hw) -> list[Tile]:
-        return tiles_for(hw, self.tile, self.taps, self.network)
+        """This rank's tiles (all of them without ranks)."""
+        tiles = tiles_for(hw, self.tile, self.taps, self.network)
+        return tiles if self.ranks is None else self.ranks.mine(tiles)
 
     def _tile_terms(self, t: Tile, feats, hw) -> tuple[list, list]:
         """One tile's part of the sums: per style layer its interior's F^T F (float32), per
@@ -140,12 +154,17 @@ class TiledObjective:
     def _sums(self, x: torch.Tensor):
         """Pass 1: the global Grams (unnormalised, float32) and content sums, no gradients."""
         hw = tuple(x.shape[-2:])
-        grams = csums = None
+        b = self.base
+        grams = [torch.zeros_like(b.targets.grams[k][0]) for k in range(len(b.style_idx))]  # (C, C) each
+        csums = [x.new_zeros((), dtype=torch.float32) for _ in b.content_idx]
         with torch.no_grad():
             for t in self.tiles(hw):
                 g, c = self._tile_terms(t, self.base.features(x[:, :, t.cy0:t.cy1, t.cx0:t.cx1]), hw)
-                grams = g if grams is None else [a + d for a, d in zip(grams, g)]
-                csums = c if csums is None else [a + d for a, d in zip(csums, c)]
+                grams = [a + d for a, d in zip(grams, g)]
+                csums = [a + d for a, d in zip(csums, c)]
+        if self.ranks is not None:
+            summed = self.ranks.sum(grams + csums)  # over the ranks' tiles: the whole image's
+            grams, csums = summed[:len(grams)], summed[len(grams):]
         return grams, csums
 
     def _terms(self, x: torch.Tensor, grams, csums):
@@ -183,10 +202,28 @@ class TiledObjective:
                 sur = sur + crop.new_zeros(())  # a tensor even with no content or style layer
                 (g_crop,) = torch.autograd.grad(sur * self.scale, crop)
             grad[:, :, t.cy0:t.cy1, t.cx0:t.cx1] += g_crop / self.scale
+        if self.ranks is not None:
+            grad = self.ranks.sum_to_lead(grad)  # the workers' tiles' gradients, added on the lead
         return grad
 
     def evaluate(self, x: torch.Tensor, with_grad: bool):
-        """(parts (4,), image gradient of parts[0] or None)."""
+        """(parts (4,), image gradient of parts[0] or None). With ranks, the lead first
+        tells the workers to evaluate the same image (engine/ranks.py)."""
+        if self.ranks is not None and self.ranks.lead:
+            from .ranks import EVAL
+            from .signals import deferred
+
+            # A stop signal waits for the end of the evaluation: leaving between two of its
+            # collectives would leave the workers in the other one.
+            with deferred():
+                self.ranks.command(EVAL, int(with_grad), *x.shape[-2:])
+                self.ranks.share_image(x, tuple(x.shape[-2:]), x.device)
+                return self.share(x, with_grad)
+        return self.share(x, with_grad)
+
+    def share(self, x: torch.Tensor, with_grad: bool):
+        """This rank's part of an evaluation (the whole of it without ranks); on a worker,
+        the returned losses are the whole image's too, its gradient only its tiles'."""
         b = self.base
         xd = x.detach()
         grams, csums = self._sums(xd)
@@ -228,26 +265,31 @@ class _TiledLoss(torch.autograd.Function):
 
 
 @torch.no_grad()
-def tiled_features(extractor, img: torch.Tensor, tile: int, network: str, maps=(), grams=()):
+def tiled_features(extractor, img: torch.Tensor, tile: int, network: str, maps=(), grams=(), ranks=None):
     """Features of a whole image computed tile by tile, for the targets: ({tap: (1, C, h, w)
     float32 map assembled from the interiors} for ``maps``, {tap: (1, C, C) Gram normalised
-    by C*h*w, as engine/losses.py's ``gram``} for ``grams``)."""
+    by C*h*w, as engine/losses.py's ``gram``} for ``grams``). With ``ranks`` (engine/ranks.py)
+    each rank computes its share of the tiles and every rank gets the sum."""
     taps = list(extractor.taps)
-    strides = {t: layer_by_name(network)[t].stride for t in taps}
+    table = layer_by_name(network)
+    strides = {t: table[t].stride for t in taps}
     hw = tuple(img.shape[-2:])
-    out_maps, sums = {}, {}
-    for t in tiles_for(hw, tile, taps, network):
+    out_maps = {n: img.new_zeros((1, table[n].out_channels, hw[0] // strides[n], hw[1] // strides[n]))
+                for n in maps}  # float32, (1, C, H/s, W/s)
+    sums = {n: img.new_zeros((table[n].out_channels,) * 2) for n in grams}  # (C, C)
+    tiles = tiles_for(hw, tile, taps, network)
+    for t in (tiles if ranks is None else ranks.mine(tiles)):
         feats = dict(zip(taps, extractor(img[:, :, t.cy0:t.cy1, t.cx0:t.cx1])))
         for name in maps:
             s = strides[name]
-            f = t.interior(feats[name], s, hw).float()
-            if name not in out_maps:
-                out_maps[name] = f.new_zeros((1, f.shape[1], hw[0] // s, hw[1] // s))
             rows, cols = t.region(s, hw)
-            out_maps[name][:, :, rows, cols] = f
+            out_maps[name][:, :, rows, cols] = t.interior(feats[name], s, hw).float()
         for name in grams:
-            g = gram_mc(_mc(t.interior(feats[name], strides[name], hw)))
-            sums[name] = g if name not in sums else sums[name] + g
+            sums[name] += gram_mc(_mc(t.interior(feats[name], strides[name], hw)))
+    if ranks is not None:  # the interiors are disjoint: summing the maps assembles them
+        summed = ranks.sum(list(out_maps.values()) + list(sums.values()))
+        out_maps = dict(zip(out_maps, summed[:len(out_maps)]))
+        sums = dict(zip(sums, summed[len(out_maps):]))
     out_grams = {}
     for name, g in sums.items():
         s = strides[name]

@@ -95,7 +95,7 @@ class Command:
 
 def _commands() -> list[Command]:
     # Settings classes only: plain dataclasses, no torch, so that --help is quick.
-    from nst.bench.settings import BenchSettings, QualitySettings, RecipeBenchSettings
+    from nst.bench.settings import BenchSettings, QualitySettings, RecipeBenchSettings, TileBenchSettings
     from nst.export.settings import ExportSettings
 
     from . import commands
@@ -132,6 +132,11 @@ def _commands() -> list[Command]:
                 "full-resolution loss in a fixed time: multi-scale against single-scale, and the time to match",
                 "Render the same image three times: multi-scale and single-scale under one time budget, then "
                 "single-scale for longer, to see when it reaches the multi-scale loss. Writes JSON and markdown."),
+        Command("bench-tiles", TileBenchSettings, lambda s, a, t: commands.bench_tiles_command(s),
+                "the price of exact tiles: tiled against untiled ms/step, and how large each mode goes",
+                "Time the untiled step and the tiled step at each SIZE:TILE case (same image, same settings), report "
+                "ms/step and the ratio, the largest size each mode fits by the memory plan's estimates, and how two "
+                "gloo ranks best share a step. Writes bench/results/tiles-<device>.{json,md}."),
         Command("bench-recipes", RecipeBenchSettings, lambda s, a, t: commands.bench_recipes_command(s),
                 "each recipe (--recipe) on the engine against a faithful re-implementation of its original loop",
                 "Check that the engine and each original loop agree on the first loss, then time both at the recipe's "

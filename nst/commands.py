@@ -111,6 +111,12 @@ def bench_quality_command(cfg) -> int:
     return main_from_args(cfg)
 
 
+def bench_tiles_command(cfg) -> int:
+    from nst.bench.tiles import main_from_args
+
+    return main_from_args(cfg)
+
+
 def bench_recipes_command(cfg) -> int:
     from nst.bench.recipes import main_from_args
 

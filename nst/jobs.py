@@ -36,10 +36,19 @@ class StylizeJob:
                                metavar="FILE")
     max_pixels: int = option(MAX_PIXELS, help="refuse input images with more pixels than this "
                              "(decompression bombs)")
+    state: str | None = option(None, help="keep a resumable state (the image and the optimiser's state) in this "
+                               "file, rewritten at every progress interval", metavar="FILE")
+    resume: bool = option(False, help="continue the render whose --state FILE is given, from its last progress "
+                          "interval (the same inputs and settings; --steps may grow)")
 
     def __post_init__(self) -> None:
         if self.save_every < 0 or self.gif_every < 0:
             raise InputError("--save-every and --gif-every must be >= 0")
+        if self.resume and not self.state:
+            raise InputError("--resume needs --state FILE: the state file to continue from")
+        if self.state and self.settings.time_budget is not None:
+            raise InputError("--state keeps a render of fixed steps resumable; a --time-budget render's plan is its "
+                             "budget's and cannot be resumed")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,9 @@ statistics), and say what happened. The render itself is nst.engine's."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import signal
 import sys
@@ -12,15 +14,18 @@ import time
 from pathlib import Path
 
 from nst.engine.budget import budget_margin
-from nst.engine.errors import NonFiniteLossError, NSTError
+from nst.engine.errors import NonFiniteLossError, NSTError, RankLostError
+from nst.engine.plan import resolve_plan
+from nst.engine.ranks import joined, launched_ranks
 from nst.engine.fsutil import OutputError, atomic_write_text, write_target
 from nst.engine.imageio import (GIF_LONG_EDGE, check_gif_path, check_output_path, gif_frame,
                                 predict_save_s, save_gif, save_image)
 from nst.engine.loop import StepInfo, chain
 from nst.engine.multiscale import adaptive_plan, render
 from nst.engine.progress import progress_bar
-from nst.engine.signals import deferred, stop_signal
+from nst.engine.signals import STOP_SIGNALS, deferred, stop_signal
 from nst.engine.sizes import fit_long_edge
+from nst.engine.state import RenderState, fingerprint, load_state, save_state
 
 from .inputs import load_inputs
 from .jobs import StylizeJob
@@ -36,7 +41,7 @@ class Keeper:
         self.frames = []
 
     def __call__(self, info: StepInfo) -> None:
-        if info.step == 0:
+        if info.opening:
             return  # a scale's start: its image was saved (if due) as the last scale's end
         n = info.render_step
         save = self.save_every and n % self.save_every == 0
@@ -55,6 +60,29 @@ class Keeper:
             self.frames.append(last)
         save_gif(self.frames, path)
         return f"wrote {path} ({len(self.frames)} frames, {self.gif_hw[1]}x{self.gif_hw[0]})"
+
+
+class StateKeeper:
+    """A loop callback that rewrites the --state file at every progress interval: the scale,
+    the step, the image and the optimiser's state (engine/state.py)."""
+
+    def __init__(self, path: str, print_: dict):
+        self.path, self.print = path, print_
+        self.failed = False
+
+    def __call__(self, info: StepInfo) -> None:
+        if info.losses is None or info.optimizer_state is None:
+            return
+        state = RenderState(info.scale, info.step, info.before, info.x.detach().cpu(),  # host sync: progress interval
+                            info.optimizer_state(), self.print)
+        try:
+            with deferred():  # a stop signal waits for the file: the previous state stays whole until it is
+                save_state(self.path, state)
+        except OutputError as e:  # a full disk must not end the render: the image still matters more
+            if not self.failed:
+                print(f"nst: warning: {e}; the render goes on (the previous state file, if any, is whole)",
+                      file=sys.stderr)
+            self.failed = True
 
 
 def show_plan(settings, finish_s: float):
@@ -122,7 +150,8 @@ def _report(result, settings, out: Path, t_start: float) -> int:
                   f"{sc['planned_s']:.1f} s, ran {sc['steps_run']} steps / {sc['actual_s']:.1f} s; ended: {sc['why']}")
     h, w = st.size
     random = "; seeded random weights, NOT a trained network" if st.weights.startswith("random") else ""
-    print(f"wrote {out} ({w}x{h}, {st.steps_run} steps, loss {st.loss[0]:.4g} -> {st.final_loss:.4g}, "
+    loss = f"loss {st.loss[0]:.4g} -> {st.final_loss:.4g}" if st.loss else f"loss {st.final_loss:.4g}"
+    print(f"wrote {out} ({w}x{h}, {st.steps_run} steps, {loss}, "
           f"{st.steps_per_s:.2f} steps/s on {st.device} {st.precision} {st.path} path{random})")
     if st.stopped in ("time-limit", "interrupted"):
         signum = stop_signal() or signal.SIGINT
@@ -136,7 +165,43 @@ def _report(result, settings, out: Path, t_start: float) -> int:
 
 def stylize_command(job: StylizeJob, quiet: bool, t_start: float, recipe: str | None = None) -> int:
     """Run ``nst stylize``; ``t_start`` is when a --time-budget's clock started; ``recipe``
-    names the --recipe the settings came from, if any."""
+    names the --recipe the settings came from, if any. Under torchrun (--distributed) rank 0
+    renders and writes; the other ranks compute their tiles (engine/ranks.py)."""
+    if not job.settings.distributed and launched_ranks() > 1:
+        try:
+            job = dataclasses.replace(job, settings=dataclasses.replace(job.settings, distributed=True))
+        except NSTError as e:
+            raise NSTError(f"launched with {launched_ranks()} ranks (WORLD_SIZE), which turns --distributed on: "
+                           f"{e}") from None
+    if not job.settings.distributed:
+        return _stylize(job, quiet, t_start, recipe)
+    with joined(resolve_plan(job.settings).device, job.settings.rank_timeout) as ranks:
+        if ranks.lead:
+            return _stylize(job, quiet, t_start, recipe, ranks)
+        return _work(job)
+
+
+def _work(job: StylizeJob) -> int:
+    """A worker rank: the same inputs as the lead, then its share of every step. It ignores
+    stop signals: it leaves when the lead says so (the lead stops on them and still needs
+    the workers for its last evaluation) or when the lead is lost."""
+    from nst.engine.worker import serve
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    logging.getLogger("nst").setLevel(logging.ERROR)  # the lead reports; warnings once, not once per rank
+    content, styles, _ = load_inputs(job)
+    try:
+        serve(content, styles, job.settings)
+    except RankLostError as e:
+        if job.state:
+            raise RankLostError(f"{e}; the lead's last progress interval is in its --state {job.state}: --resume "
+                                "continues") from None
+        raise
+    return 0
+
+
+def _stylize(job: StylizeJob, quiet: bool, t_start: float, recipe: str | None, ranks=None) -> int:
     settings = job.settings
     # Everything that can be refused is refused before any work: output paths, inputs.
     out = check_output_path(job.output)
@@ -144,7 +209,12 @@ def stylize_command(job: StylizeJob, quiet: bool, t_start: float, recipe: str | 
         write_target(job.stats, "--stats")
     if job.gif:
         check_gif_path(job.gif)
+    if job.state and not job.resume:
+        write_target(job.state, "--state")
     content, styles, init = load_inputs(job)
+    print_ = fingerprint(settings, content, styles) if job.state else None
+    resume = load_state(job.state, print_) if job.resume else None
+    saver = StateKeeper(job.state, print_) if job.state else None
     final_hw = settings.output_hw(tuple(content.shape[-2:]))
     gif_hw = fit_long_edge(final_hw, min(GIF_LONG_EDGE, max(final_hw))) if job.gif else None
     keeper = Keeper(out, job.save_every, gif_hw, job.gif_every or max(1, settings.steps // 50))
@@ -152,13 +222,18 @@ def stylize_command(job: StylizeJob, quiet: bool, t_start: float, recipe: str | 
     finish_s = predict_save_s(content, final_hw, out) if settings.time_budget is not None else 0.0
     try:
         with progress_bar(not quiet) as bar:
-            result = render(content, styles, settings, init=init, callback=chain(bar, keeper), t_start=t_start,
-                            on_plan=show_plan(settings, finish_s), finish_s=finish_s)
-    except NonFiniteLossError as e:
+            result = render(content, styles, settings, init=init, callback=chain(bar, keeper, saver),
+                            t_start=t_start, on_plan=show_plan(settings, finish_s), finish_s=finish_s, resume=resume)
+    except (NonFiniteLossError, RankLostError) as e:
+        if ranks is not None and isinstance(e, NonFiniteLossError):
+            ranks.finish()
         if e.result is not None:
             save_final(e.result.image, out)
-            raise NSTError(f"{e}; wrote it to {out}") from None
+            where = f"wrote it to {out}" + (f"; --resume --state {job.state} continues" if job.state else "")
+            raise type(e)(f"{e}; {where}") from None
         raise
+    if ranks is not None:
+        ranks.finish()  # the workers are done: they need not wait while the image is written
     save_final(result.image, out)
     if job.gif:
         print(keeper.write_gif(job.gif, result.image))

@@ -263,3 +263,34 @@ def test_baseline_loops_optimise_the_engines_objective():
     tut = TutorialLoop(vgg19_features(state, "cpu"), content, style, 0.02, 1.0, 1e6, 1.0, naive=False)
     tut.x.data.copy_(x)
     torch.testing.assert_close(tut.step(), want, rtol=1e-4, atol=0)
+
+
+def test_quick_tiles_benchmark(tmp_path, capsys):
+    """`nst bench-tiles --quick`: an untiled and a tiled row at one size, their ratio, the
+    memory plan's reach and the two-rank sharing section; bad cases are one line."""
+    code = main(["-q", "bench-tiles", "--quick", "--device", "cpu", "--out", str(tmp_path), "--name", "t"])
+    assert code == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    untiled, tiled = data["rows"]
+    assert untiled["tile"] == 0 and tiled["tile"] == 48 and tiled["tiles"] == 4
+    assert tiled["ratio"] == pytest.approx(tiled["ms_per_step"] / untiled["ms_per_step"])
+    assert data["reach"]["tiled_64px"] > data["reach"]["plain"] > 0
+    assert set(data["ranks_comm"]["128"]) == {"lead_steps_ms", "every_rank_steps_ms"}
+    md = (tmp_path / "t.md").read_text()
+    assert "| 96 | 48 | 4 |" in md and "no 2048 px tile row" in md
+    for bad in ("96", "96:96", "a:b"):
+        assert main(["-q", "bench-tiles", "--quick", "--cases", bad, "--out", str(tmp_path)]) == 1
+        assert "bad case" in capsys.readouterr().err
+
+
+def test_tiles_benchmark_does_not_time_a_tiled_step_as_the_untiled_one(monkeypatch):
+    """Where the memory plan would tile the "untiled" step, that row does not fit (and no
+    ratio is computed against it)."""
+    from nst.bench import tiles
+    from nst.bench.settings import TileBenchSettings
+    from nst.engine import memory
+
+    # 180 MiB: at 256 px the plain step (about 185 MiB) does not fit, 64 px tiles (157 MiB) do.
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 180 * 2**20)
+    row = tiles._case(256, None, TileBenchSettings(quick=True).resolved(False), "cpu")
+    assert row["fits"] is False and "tiles it" in row["why"]

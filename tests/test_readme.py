@@ -90,3 +90,20 @@ def test_the_demo_picture_is_a_real_sheet():
 
     with Image.open(ROOT / "docs" / "demo-sheet.png") as im:
         assert im.width > 3 * 200 and im.height >= 256
+
+
+def test_tile_figures_are_the_committed_ones():
+    section = _section("### Very large renders")
+    md = (RESULTS / "tiles-cpu-amd-epyc-2-threads.md").read_text()
+    data = json.loads((RESULTS / "tiles-cpu-amd-epyc-2-threads.json").read_text())
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == len(data["rows"])
+    for line in rows:
+        assert line in md, f"not in the committed results: {line}"
+    text = " ".join(section.split())
+    goal = next(r for r in data["rows"] if r["tile"] == 2048)
+    assert f"With 2048 px tiles a step costs {goal['ratio']:.2f}x the untiled one" in text
+    reach = data["reach"]
+    assert (f"plain step up to about {reach['plain']} px square, a checkpointed one up to about "
+            f"{reach['checkpointed']} px and tiles up to about {reach['tiled_64px']} px") in text
+    assert "docs/tiles-no-seams.png" in section and (ROOT / "docs" / "tiles-no-seams.png").exists()

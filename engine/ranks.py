@@ -1,0 +1,199 @@
+"""Tiled steps across ranks (``--distributed``, issue #15): torch.distributed, NCCL on
+GPUs and gloo on CPUs, launched by torchrun.
+
+The split. Rank 0 (the *lead*) runs the render as a single process would: the plan, the
+budget and its clock, the loop, the optimiser, the progress report, the state file and
+the output. The other ranks (*workers*, engine/worker.py) hold the network and the
+targets and compute their share of the tiles (every ``world``-th tile) when the lead asks:
+
+    lead:    PREPARE (settings of the scale) -> targets, tiled, each rank its share, summed
+    per evaluation of the objective:
+    lead:    EVAL (with or without gradient), broadcast x        (1, 3, H, W) float32
+    all:     pass 1 over own tiles -> all-reduce Gram and content sums
+    all:     pass 2 over own tiles -> image gradient, reduced to the lead
+    lead:    TV, the optimiser step, the clock; STOP at the end
+
+So every decision that reads a clock (time budget, time limit, adaptive plan) is taken
+once, on the lead: ranks cannot disagree on when to stop. The alternative, each rank
+stepping its own copy of the image on an all-reduced gradient, moves as many bytes (an
+all-reduce is a reduce and a broadcast); measured with two gloo ranks on the CPU, the two
+differ by less than 10% either way, 0.02-0.4 s per step at 1024-4096 px against seconds to
+minutes for a tiled step there (bench/results/tiles-cpu-*.md).
+
+Failure: every collective runs under the process group's timeout (``--rank-timeout``); a
+lost rank raises ``RankLostError`` on the others (gloo: at once, on the closed connection;
+NCCL: at the timeout, with TORCH_NCCL_BLOCKING_WAIT set here; not tested on GPUs), so the
+lead stops with the best image so far (written, and the error says so) and a worker ends
+with one line on stderr. Workers ignore stop signals (they leave on STOP or a lost lead);
+the lead holds them through each exchange, so that no rank is left inside a collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import InputError, NSTError, RankLostError
+
+STOP, PREPARE, EVAL = 0, 1, 2
+
+
+def launched_ranks() -> int:
+    """The world size torchrun (or a caller setting RANK/WORLD_SIZE) launched this process
+    with; 1 outside such a launch."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _first_line(e: BaseException) -> str:
+    """The backend's message, short: its first sentence, without gloo's source location."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip()).split("\n")[0]
+    text = text.split(". ")[0].rstrip(".")
+    return text[:160] or type(e).__name__
+
+
+@dataclass
+class Ranks:
+    """This process's place among the ranks, and the collectives the engine uses."""
+
+    rank: int
+    world: int
+    device: torch.device  # where collective tensors live: cuda for NCCL, cpu for gloo
+    stopped: bool = False  # the lead has sent STOP
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    def finish(self) -> None:
+        """The lead tells the workers to stop (once; as soon as the render is done, so that
+        they do not wait through the writing of the image)."""
+        if self.lead and not self.stopped:
+            self.stopped = True
+            self.command(STOP)
+
+    def mine(self, items: list) -> list:
+        """This rank's share: every world-th item. Border tiles are smaller than inner ones;
+        interleaving spreads them over the ranks."""
+        return items[self.rank::self.world]
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:  # gloo: "Connection closed by peer"; NCCL/gloo timeouts (DistBackendError)
+            who = "a worker rank" if self.lead else "the lead rank (0)"
+            raise RankLostError(f"rank {self.rank} of {self.world}: {who} stopped answering ({_first_line(e)})") \
+                from None
+
+    def command(self, cmd: int, *args: int) -> tuple[int, ...]:
+        """The lead sends a command with up to 3 integers; a worker receives one."""
+        head = torch.zeros(4, dtype=torch.int64, device=self.device)
+        if self.lead:
+            head.copy_(torch.tensor([cmd, *args] + [0] * (3 - len(args)), dtype=torch.int64))
+        self._call(dist.broadcast, head, 0)
+        return tuple(int(v) for v in head.tolist())
+
+    def objects(self, objs: list | None = None, n: int = 0) -> list:
+        """Small picklable objects from the lead (``objs``) to every rank (``n`` of them)."""
+        box = list(objs) if self.lead else [None] * n
+        self._call(dist.broadcast_object_list, box, 0, device=self.device if self.device.type == "cuda" else None)
+        return box
+
+    def share_image(self, x: torch.Tensor | None, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """The lead's image (1, 3, H, W) float32, on every rank."""
+        if self.lead:
+            buf = x.detach().float().contiguous().to(self.device)
+        else:
+            buf = torch.empty(1, 3, *hw, dtype=torch.float32, device=self.device)
+        self._call(dist.broadcast, buf, 0)
+        return buf.to(device)
+
+    def sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tensor summed over the ranks (float32, one all-reduce for all of them)."""
+        if not tensors:
+            return tensors
+        flat = torch.cat([t.detach().float().reshape(-1) for t in tensors]).to(self.device)
+        self._call(dist.all_reduce, flat)
+        out, k = [], 0
+        for t in tensors:
+            out.append(flat[k:k + t.numel()].view(t.shape).to(t.device))
+            k += t.numel()
+        return out
+
+    def sum_to_lead(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks, on the lead (the workers' copies are left as they are)."""
+        buf = t.contiguous().to(self.device)
+        self._call(dist.reduce, buf, 0)
+        if self.lead:
+            t.copy_(buf)  # into the caller's layout (channels-last stays channels-last)
+        return t
+
+
+def current() -> Ranks | None:
+    """The ranks of the default process group, or None without one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return Ranks(dist.get_rank(), dist.get_world_size(), device)
+
+
+def for_settings(settings) -> Ranks | None:
+    """The ranks a render with these settings runs on: None unless --distributed."""
+    if not settings.distributed:
+        return None
+    ranks = current()
+    if ranks is None:
+        raise InputError("--distributed needs a torch.distributed process group: launch with torchrun "
+                         "--nproc-per-node N -m nst stylize ... (the command line joins the group itself)")
+    return ranks
+
+
+@contextlib.contextmanager
+def joined(device_type: str, timeout_s: float):
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT, LOCAL_RANK in the environment): NCCL for ``device_type`` cuda, else gloo.
+    On leaving, the lead tells the workers to stop."""
+    if dist.is_initialized():
+        raise InputError("a torch.distributed process group is already set up in this process")
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise InputError(f"--distributed runs under torchrun (no {missing[0]} in the environment): torchrun "
+                         "--nproc-per-node N -m nst stylize ... --distributed")
+    if device_type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise InputError(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; launch "
+                             "at most that many ranks per machine")
+        torch.cuda.set_device(local)  # torch.device("cuda") is this rank's GPU from here on
+        backend = "nccl"
+        # Waits on the host, so that a collective past the timeout raises (RankLostError)
+        # instead of NCCL's watchdog aborting the process.
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+    else:
+        backend = "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        dist.init_process_group(backend, timeout=timeout)
+    except (RuntimeError, ValueError) as e:
+        raise NSTError(f"could not join the ranks ({backend}): {_first_line(e)}") from None
+    ranks = current()
+    healthy = True
+    try:
+        yield ranks
+    except RankLostError:
+        healthy = False
+        raise
+    finally:
+        if healthy:
+            with contextlib.suppress(RankLostError):
+                ranks.finish()
+            dist.destroy_process_group()  # with a rank lost this could wait on it: the process exits instead
