@@ -131,6 +131,7 @@ def _comm_rank(rank: int, world: int, port: int, sizes, repeats: int, out: str) 
     if rank == 0:
         with open(out, "w") as f:
             json.dump(res, f)
+    dist.barrier()  # leave together
     dist.destroy_process_group()
 
 

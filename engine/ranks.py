@@ -93,6 +93,10 @@ class Ranks:
             raise RankLostError(f"rank {self.rank} of {self.world}: {who} stopped answering ({_first_line(e)})") \
                 from None
 
+    def together(self) -> None:
+        """Wait for every rank (a barrier)."""
+        self._call(dist.barrier)
+
     def command(self, cmd: int, *args: int) -> tuple[int, ...]:
         """The lead sends a command with up to 3 integers; a worker receives one."""
         head = torch.zeros(4, dtype=torch.int64, device=self.device)
@@ -186,14 +190,19 @@ def joined(device_type: str, timeout_s: float):
     except (RuntimeError, ValueError) as e:
         raise NSTError(f"could not join the ranks ({backend}): {_first_line(e)}") from None
     ranks = current()
-    healthy = True
     try:
         yield ranks
     except RankLostError:
-        healthy = False
+        raise  # with a rank lost, tearing the group down could wait on it: the process exits instead
+    except BaseException:
+        # An error or a signal here: the workers are told to stop; no rank waits for another.
+        with contextlib.suppress(RankLostError):
+            ranks.finish()
+        dist.destroy_process_group()
         raise
-    finally:
-        if healthy:
-            with contextlib.suppress(RankLostError):
-                ranks.finish()
-            dist.destroy_process_group()  # with a rank lost this could wait on it: the process exits instead
+    # Done: every rank leaves the group together (a rank tearing down its connections while
+    # another still uses them can abort that one, seen with gloo on torch 2.11).
+    with contextlib.suppress(RankLostError):
+        ranks.finish()
+        ranks.together()
+    dist.destroy_process_group()

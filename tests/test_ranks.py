@@ -55,6 +55,7 @@ def _evaluate_on_ranks(rank: int, world: int, port: int, out: str) -> None:
         current().command(STOP)
     else:
         serve(content, [(style, 1.0)], settings)
+    dist.barrier()  # leave together (as engine/ranks.py's joined does)
     dist.destroy_process_group()
 
 
