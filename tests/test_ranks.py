@@ -56,7 +56,10 @@ def _evaluate_on_ranks(rank: int, world: int, port: int, out: str) -> None:
     else:
         serve(content, [(style, 1.0)], settings)
     dist.barrier()  # leave together (as engine/ranks.py's joined does)
-    dist.destroy_process_group()
+    # Then leave without tearing gloo down: in torch 2.11 a spawned child's gloo teardown
+    # aborted ("terminate called without an active exception") about 1 run in 5, after
+    # the work was done and saved; the CLI's own teardown under torchrun is tested below.
+    os._exit(0)
 
 
 @pytest.mark.slow
