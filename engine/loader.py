@@ -191,3 +191,9 @@ def load_extractor(
 
 
 __all__ = ["ScriptedExtractor", "load_export", "load_extractor", "quiet_jit"]
+
+
+def extractor_for(settings):
+    """The extractor a render's settings describe (``--extractor`` or ``--weights``, its
+    taps, pooling and network)."""
+    return load_extractor(settings.extractor, settings.weights, settings.taps(), settings.pool, settings.network)

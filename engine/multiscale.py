@@ -22,7 +22,7 @@ from .adaptive import (FINAL_MIN_SHARE, MoveOnRule, coarse_limit, move_on_thresh
 from .budget import ScaleCost, ScalePlan, allocate, budget_margin, calibrate, replan
 from .errors import InputError, NonFiniteLossError, RankLostError
 from .imageio import resize_to
-from .loader import load_extractor
+from .loader import extractor_for
 from .loop import Callback, run
 from .settings import StylizeSettings
 from .stats import Result
@@ -72,8 +72,7 @@ def render(content, styles, settings: StylizeSettings, extractor=None, init=None
                              f"{resume.scale + 1} of a multi-scale render; this render has one scale")
         return run(content, styles, settings, extractor=extractor, init=init, callback=callback, resume=resume)
     if extractor is None:  # loaded once here, not once per scale
-        extractor = load_extractor(settings.extractor, settings.weights, settings.taps(), settings.pool,
-                                   settings.network)
+        extractor = extractor_for(settings)
     plans = plan_scales(content, styles, settings, extractor, t_start, finish_s)
     if on_plan is not None:
         on_plan(plans)

@@ -21,7 +21,7 @@ import torch
 from .device import float32_math, same_device
 from .errors import InputError
 from .imageio import resize_to
-from .loader import load_extractor
+from .loader import extractor_for
 from .memory import MemoryPlan, estimate_tiled_bytes, plan_memory
 from .objective import Objective
 from .plan import Plan, resolve_plan
@@ -146,8 +146,7 @@ def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], set
     plan = resolve_plan(settings)
     ours = extractor is None  # loaded here: ours to convert in place
     if ours:
-        extractor = load_extractor(settings.extractor, settings.weights, settings.taps(), settings.pool,
-                                   settings.network)
+        extractor = extractor_for(settings)
     weights_info = getattr(extractor, "weights_info", {}) or {}
     _warn_random(weights_info)
     out_hw, style_hws = _sizes(content, styles, settings, extractor.min_side)

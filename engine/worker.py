@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .device import float32_math
-from .loader import load_extractor
+from .loader import extractor_for
 from .ranks import EVAL, PREPARE, STOP, current
 from .session import build_objective
 from .settings import StylizeSettings
@@ -20,8 +20,7 @@ def serve(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], setti
     evaluations this rank took part in."""
     ranks = current()
     if extractor is None:
-        extractor = load_extractor(settings.extractor, settings.weights, settings.taps(), settings.pool,
-                                   settings.network)
+        extractor = extractor_for(settings)
     objective, evaluations = None, 0
     while True:
         cmd, with_grad, h, w = ranks.command(STOP)
