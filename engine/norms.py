@@ -12,37 +12,34 @@ keeps one Gram kernel and its float32 range. With G = F F^T unnormalised:
     raw      mean((G - A)^2)                  factor C^2 M^2  (plain blog loops)
 
 and each content term is ``mean`` (factor 1) or ``half-sum``, 1/2 sum((F - P)^2) (factor
-C*M/2, Gatys et al., eq. 1). The factors are computed once per size (engine/targets.py)
-and folded into the layer weights.
+C*M/2, Gatys et al., eq. 1). The factors are functions of the layer's shape: engine/losses.py computes them at every
+evaluation (``content_coef``, ``style_coef``), with the layer weight folded in.
 """
 
 from __future__ import annotations
 
 
-def _style_factors(c: int, m: int) -> dict[str, float]:
-    return {"chw": 1.0, "hw": float(c * c), "4n2m2": c * c / 4.0, "raw-chw": float(c * m),
-            "raw": float(c * c) * float(m * m)}
+# Plain arithmetic on C and M, so that the same functions take symbolic sizes (a graph
+# exported with dynamic height and width) as well as ints. With ints, C^2 M^2 is exact
+# (Python ints) and rounds once where a weight multiplies it.
+_STYLE = {"chw": lambda c, m: 1.0, "hw": lambda c, m: c * c, "4n2m2": lambda c, m: c * c / 4.0,
+          "raw-chw": lambda c, m: c * m, "raw": lambda c, m: (c * m) * (c * m)}
+_CONTENT = {"mean": lambda c, m: 1.0, "half-sum": lambda c, m: c * m / 2.0}
 
 
-def _content_factors(c: int, m: int) -> dict[str, float]:
-    return {"mean": 1.0, "half-sum": c * m / 2.0}
+GRAM_NORMS = tuple(_STYLE)
+CONTENT_NORMS = tuple(_CONTENT)
 
 
-GRAM_NORMS = tuple(_style_factors(1, 1))
-CONTENT_NORMS = tuple(_content_factors(1, 1))
-
-
-def style_norm_factor(norm: str, c: int, m: int) -> float:
+def style_norm_factor(norm: str, c, m):
     """Factor turning the default per-layer style term into ``norm``'s (see the table above)."""
-    factors = _style_factors(c, m)
-    if norm not in factors:
+    if norm not in _STYLE:
         raise ValueError(f"unknown Gram normalisation {norm!r}; choose one of {', '.join(GRAM_NORMS)}")
-    return factors[norm]
+    return _STYLE[norm](c, m)
 
 
-def content_norm_factor(norm: str, c: int, m: int) -> float:
+def content_norm_factor(norm: str, c, m):
     """Factor turning the mean content term into ``norm``'s."""
-    factors = _content_factors(c, m)
-    if norm not in factors:
+    if norm not in _CONTENT:
         raise ValueError(f"unknown content normalisation {norm!r}; choose one of {', '.join(CONTENT_NORMS)}")
-    return factors[norm]
+    return _CONTENT[norm](c, m)
