@@ -99,7 +99,7 @@ def _commands() -> list[Command]:
     from nst.export.settings import ExportSettings
 
     from . import commands
-    from .jobs import DemoSettings, StylizeJob, TargetsJob
+    from .jobs import DemoSettings, StylizeJob, TargetsJob, WatchSettings
 
     return [
         Command("export", ExportSettings, lambda s, a, t: commands.export_command(s),
@@ -116,6 +116,11 @@ def _commands() -> list[Command]:
                 "write content features, style Grams and the start image for a host without Python (C++)",
                 "Compute the targets of a render with an export directory's TorchScript extractor and write them as "
                 "a TorchScript module of tensors plus a JSON description, for examples/cpp/nst_host.", recipe=True),
+        Command("watch", WatchSettings, lambda s, a, t: commands.watch_command(s),
+                "the live page of a render started elsewhere, from its --progress FILE",
+                "Follow the --progress FILE that a render (under torchrun, on another machine with a shared "
+                "filesystem, or in another shell) appends to, and serve the same live page as --serve: the image, "
+                "the losses over steps, the scales and the plan. Runs until Ctrl-C; the page cannot stop that render."),
         Command("recipes", None, lambda s, a, t: commands.recipes_command(a.name),
                 "list the named recipes (--recipe) with their equivalent flags",
                 "Print each recipe's source and the nst stylize flags it stands for; with NAME, also where the engine "

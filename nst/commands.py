@@ -1,4 +1,4 @@
-"""The subcommands other than ``nst stylize``: export, targets, demo, recipes and the
+"""The subcommands other than ``nst stylize``: export, targets, demo, recipes, watch and the
 benchmarks. Each takes its parsed settings and returns an exit status."""
 
 from __future__ import annotations
@@ -86,6 +86,12 @@ def demo_command(ds: DemoSettings, quiet: bool) -> int:
           f"{st.loop_s:.1f} s, {st.steps_per_s:.2f} steps/s on {st.device}; loss {st.loss[0]:.4g} -> "
           f"{st.final_loss:.4g})")
     return 0
+
+
+def watch_command(ws) -> int:
+    from nst.engine.live import watch
+
+    return watch(ws.file, ws.serve)
 
 
 def recipes_command(name: str | None) -> int:

@@ -40,8 +40,17 @@ class StylizeJob:
                                "file, rewritten at every progress interval", metavar="FILE")
     resume: bool = option(False, help="continue the render whose --state FILE is given, from its last progress "
                           "interval (the same inputs and settings; --steps may grow)")
+    serve: str | None = option(None, help="serve a live page of the render (image, losses, scales, a stop button) "
+                               "at [HOST:]PORT: on 127.0.0.1 unless a HOST is given, PORT 0 picks a free port; the "
+                               "URL, with its token, is printed", metavar="[HOST:]PORT")
+    progress: str | None = option(None, help="append one JSON line per progress interval to FILE, with a small "
+                                  "image FILE.png beside it, for `nst watch FILE`", metavar="FILE")
 
     def __post_init__(self) -> None:
+        if self.serve is not None:
+            from nst.engine.live_server import parse_address
+
+            parse_address(self.serve)
         if self.save_every < 0 or self.gif_every < 0:
             raise InputError("--save-every and --gif-every must be >= 0")
         if self.resume and not self.state:
@@ -68,6 +77,21 @@ class TargetsJob:
     def __post_init__(self) -> None:
         if not str(self.output).endswith(".pt"):
             raise InputError(f"-o {self.output}: a targets file is a TorchScript module; name it *.pt")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WatchSettings:
+    """``nst watch``: the live page of a render started elsewhere, from its --progress FILE."""
+
+    file: str = option(help="the --progress FILE of a render (followed as it grows; it may not exist yet)",
+                       positional=True, metavar="FILE")
+    serve: str = option("127.0.0.1:0", help="serve the page at [HOST:]PORT: on 127.0.0.1 unless a HOST is given, "
+                        "PORT 0 picks a free port; the URL, with its token, is printed", metavar="[HOST:]PORT")
+
+    def __post_init__(self) -> None:
+        from nst.engine.live_server import parse_address
+
+        parse_address(self.serve)
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,7 @@ def test_version_names_nst_torch_and_the_device(capsys):
 def test_help_does_not_import_torch(tmp_path):
     """The parser and every subcommand's help come from plain dataclasses: quick."""
     code = ("import sys\nfrom nst.cli import build_parser\n"
-            "for c in ('stylize', 'targets', 'export', 'demo', 'bench', 'bench-quality', 'bench-recipes'):\n"
+            "for c in ('stylize', 'targets', 'export', 'demo', 'bench', 'bench-quality', 'bench-recipes', 'watch'):\n"
             "    build_parser([c]).format_help()\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'PIL', 'numpy')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
