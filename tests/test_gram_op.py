@@ -79,6 +79,57 @@ def test_compiled_gram_matches_eager():
     torch.testing.assert_close(fc.grad, fe.grad, rtol=1e-5, atol=1e-8)
 
 
+def test_the_probe_is_never_decided_under_tracing(monkeypatch):
+    """Under FakeTensorMode (how torch.compile traces) ``mm(out_dtype=...)`` "works" on a fake
+    CUDA tensor whether or not the kernel exists: fast_path must neither probe there nor
+    cache, and the backward must not consult it while traced (issue #24, item 2)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from nst.engine import gram_op
+
+    # Without a driver the capture check raises: stubbed, so that only the tracing rule
+    # stands between a fake CUDA tensor and the probe.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(gram_op, "_WORKS", {})
+    probes, real_probe = [], gram_op._mm_out_dtype_works
+    monkeypatch.setattr(gram_op, "_mm_out_dtype_works", lambda *key: probes.append(key) or real_probe(*key))
+    with FakeTensorMode():
+        t = torch.empty(64, 8, device="cuda", dtype=torch.bfloat16)
+        assert not fast_path(t)
+        assert gram_mc(t).shape == (8, 8)
+        # The registered backward, as AOT autograd traces it (autograd's engine itself needs
+        # a CUDA context for CUDA tensors, fake or not).
+        ctx = type("Ctx", (), {"saved_tensors": (t,)})
+        dt = gram_op._backward(ctx, torch.empty(8, 8, device="cuda"))
+        assert dt.shape == (64, 8) and dt.dtype == torch.bfloat16
+    assert probes == [] and gram_op._WORKS == {}
+    # A trace takes what an eager probe on real tensors found (simulated here).
+    gram_op._WORKS[("cuda:0", torch.bfloat16)] = True
+    with FakeTensorMode():
+        assert fast_path(torch.empty(64, 8, device="cuda", dtype=torch.bfloat16))
+    assert probes == []
+
+
+def test_the_backward_is_one_opaque_op_in_a_compiled_graph():
+    # The fast-path choice of the backward is made when the op runs, not baked into the trace.
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_function
+
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm)
+
+    t = _t(40, 6, 7).requires_grad_(True)
+    aot_function(lambda t: gram_mc(t).square().sum(), fw_compiler=keep, bw_compiler=keep)(t).backward()
+    targets = [str(n.target) for n in graphs[-1].graph.nodes if n.op == "call_function"]
+    assert "nst.gram_mc_backward.default" in targets and "aten.mm.default" not in targets, targets
+    ref = _t(40, 6, 7).double().requires_grad_(True)
+    (ref.t() @ ref).square().sum().backward()
+    torch.testing.assert_close(t.grad.double(), ref.grad, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.cuda
 def test_cuda_fast_gram_parity():
     t = _t(1 << 16, 64, 6, torch.bfloat16).cuda()
