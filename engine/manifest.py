@@ -18,6 +18,9 @@ FORMAT_VERSION = 1
 TORCHSCRIPT_NAME = "extractor.ts"
 ONNX_NAME = "extractor.onnx"
 PROGRAM_NAME = "extractor.pt2"
+# The step as ONNX (`--formats step`, export/to_step.py): three graphs, one shared weights file.
+STEP_FILES = {"objective": "objective.onnx", "step": "step.onnx", "targets": "targets.onnx"}
+STEP_WEIGHTS_NAME = "step_weights.bin"
 
 # The description every artefact carries inside itself (TorchScript extra file, ONNX
 # metadata, ExportedProgram extra file), so that an edited manifest is caught: whoever
@@ -73,4 +76,24 @@ def check_embedded(embedded: str, manifest: dict, path: Path) -> None:
             raise ManifestError(
                 f"{MANIFEST_NAME} does not match {path.name}: {key} is {mine!r} in the manifest but "
                 f"{inside[key]!r} in the file (the manifest was edited); re-export"
+            )
+
+
+def check_step_embedded(embedded: str, manifest: dict, graph: str, path: Path) -> None:
+    """Refuse a manifest whose entry for step graph ``graph`` (``artefacts.step.graphs``)
+    disagrees with the description the file carries: its layers, norms, inputs and
+    outputs, and the network and pooling of the manifest."""
+    if not embedded:
+        raise ManifestError(f"{path} carries no description of itself ({EMBEDDED_NAME}): re-export it")
+    try:
+        inside = json.loads(embedded)
+    except json.JSONDecodeError:
+        raise ManifestError(f"{path}: its embedded description is not JSON; re-export it") from None
+    entry = manifest.get("artefacts", {}).get("step", {}).get("graphs", {}).get(graph, {})
+    for key, value in inside.items():
+        mine = manifest.get(key) if key in ("network", "pool") else entry.get(key)
+        if mine != value:
+            raise ManifestError(
+                f"{MANIFEST_NAME} does not match {path.name}: {key} is {mine!r} in the manifest but "
+                f"{value!r} in the file (the manifest was edited); re-export"
             )

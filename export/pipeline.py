@@ -1,4 +1,5 @@
-"""The export step: extractor -> TorchScript, ONNX, ExportedProgram, then manifest.json.
+"""The export step: extractor -> TorchScript, ONNX, ExportedProgram, the step graphs
+(export/to_step.py), then manifest.json.
 
 Everything is written into a hidden staging directory inside ``out`` first. Each artefact
 is then loaded back from disk and compared with the eager module on a fresh random input
@@ -25,10 +26,10 @@ import torch
 from nst.engine.errors import ExportError, NSTError
 from nst.engine.features import VGGFeatures, build_extractor
 from nst.engine.fsutil import atomic_write_text, output_dir, sha256_file
-from nst.engine.manifest import MANIFEST_NAME, ONNX_NAME, PROGRAM_NAME, TORCHSCRIPT_NAME
+from nst.engine.manifest import MANIFEST_NAME, ONNX_NAME, PROGRAM_NAME, STEP_FILES, STEP_WEIGHTS_NAME, TORCHSCRIPT_NAME
 
 from . import manifest as manifest_mod
-from . import to_onnx, to_program, to_torchscript
+from . import to_onnx, to_program, to_step, to_torchscript
 from .compare import TOLERANCE, SizeRefused, check_sizes
 from .settings import ExportSettings, parse_size
 from nst.engine.sizes import wxh
@@ -145,6 +146,9 @@ def _write_and_check(settings, module, staging, trace_hw, check_hw):
              "tolerance": TOLERANCE[settings.precision], "reference": f"the eager module in {settings.precision}"}
     artefacts: dict[str, dict] = {}
     for fmt in settings.formats:
+        if fmt == "step":
+            artefacts[fmt] = _step(settings, module, staging, trace_hw, sizes, seed, check["tolerance"])
+            continue
         if fmt == "onnx" and settings.precision in to_onnx.UNSUPPORTED:
             artefacts[fmt] = {"file": FILES[fmt], "written": False, "reason": to_onnx.UNSUPPORTED[settings.precision]}
             log.warning("onnx: not written: %s", artefacts[fmt]["reason"])
@@ -159,6 +163,20 @@ def _write_and_check(settings, module, staging, trace_hw, check_hw):
                      export_seconds=round(write_s, 2), check={**errs, "passed": passed})
         artefacts[fmt] = entry
     return artefacts, check
+
+
+def _step(settings, module, staging, trace_hw, sizes, seed, tolerance) -> dict:
+    """The step graphs (export/to_step.py): written and checked, or why not."""
+    log.info("step: writing %s and %s", ", ".join(STEP_FILES.values()), STEP_WEIGHTS_NAME)
+    try:
+        entry = to_step.export_and_check(settings, module, staging, trace_hw, sizes, seed, tolerance)
+    except NSTError:
+        raise
+    except Exception as e:
+        raise ExportError(f"step graphs failed: {type(e).__name__}: {_first_line(e)}") from e
+    if not entry["written"]:
+        log.warning("step: not written: %s", entry["reason"])
+    return entry
 
 
 def _write(fmt: str, settings, module, example, path: Path) -> float:
@@ -214,6 +232,12 @@ def _publish(out: Path, staging: Path, artefacts: dict, manifest: dict) -> None:
             os.replace(staging / name, out / name)
         elif (out / name).exists():
             (out / name).unlink()  # a stale file from an earlier export would mislead
+    step = artefacts.get("step")
+    for name in (*STEP_FILES.values(), STEP_WEIGHTS_NAME):
+        if step and step.get("written"):
+            os.replace(staging / name, out / name)
+        elif (out / name).exists():
+            (out / name).unlink()
     atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
 
 
@@ -264,6 +288,11 @@ def summary(result: ExportResult, out: Path) -> str:
             lines.append(f"    {fmt:<12} not written: {a['reason']}")
             continue
         errs = "  ".join(f"{k} {v['max_rel_err']:.1e}" for k, v in a["check"].items() if isinstance(v, dict))
+        if fmt == "step":  # four files: the graphs on one line, their errors on the next
+            lines.append(f"    {fmt:<12} {a['file']} + {a['weights_file']['file']}  {a['bytes'] / 1e6:7.1f} MB  "
+                         f"{'ok' if a['check']['passed'] else 'FAILED'}")
+            lines.append(f"    {'':<12} {errs}")
+            continue
         lines.append(f"    {fmt:<12} {a['file']:<16} {a['bytes'] / 1e6:7.1f} MB  {errs}  "
                      f"{'ok' if a['check']['passed'] else 'FAILED'}")
     lines.append(f"  manifest  {out / MANIFEST_NAME}")

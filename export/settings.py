@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from nst.engine.errors import ExportError
-from nst.engine.layers import DEFAULT_TAPS, NETWORKS, POOLS
-from nst.engine.settings import option
+from nst.engine.layers import DEFAULT_TAPS, NETWORKS, POOLS, parse_layer_weights
+from nst.engine.norms import CONTENT_NORMS, GRAM_NORMS
+from nst.engine.settings import StylizeSettings, option
 
-FORMATS = ("torchscript", "onnx", "pt2")
+FORMATS = ("torchscript", "onnx", "pt2", "step")
+# The step graphs bake in the render's loss layers and norms; their defaults are the render's.
+_RENDER = {f.name: f.default for f in dataclasses.fields(StylizeSettings)}
 PRECISIONS = ("fp32", "fp16", "bf16")
 MIN_OPSET = 18
 
@@ -36,7 +40,18 @@ class ExportSettings:
     )
     precision: str = option("fp32", help="compute dtype of the exported network", choices=PRECISIONS)
     channels_last: bool = option(False, help="store weights channels-last and convert inputs inside the module")
-    formats: tuple[str, ...] = option(FORMATS, help="artefacts to write", metavar="FORMAT")
+    formats: tuple[str, ...] = option(FORMATS, help="artefacts to write; step = the whole Adam step as ONNX "
+                                      "(objective.onnx, step.onnx, targets.onnx and their step_weights.bin)",
+                                      metavar="FORMAT")
+    content_layers: str = option(_RENDER["content_layers"], help="step graphs: content layers baked in, LAYER[:WEIGHT],"
+                                 "...; the weights are only the defaults recorded for hosts (they are inputs)",
+                                 metavar="LAYERS")
+    style_layers: str = option(_RENDER["style_layers"], help="step graphs: style layers baked in, LAYER[:WEIGHT],...",
+                               metavar="LAYERS")
+    gram_norm: str = option(_RENDER["gram_norm"], help="step graphs: the style loss normalisation baked in "
+                            "(as nst stylize --gram-norm)", choices=GRAM_NORMS)
+    content_norm: str = option(_RENDER["content_norm"], help="step graphs: the content loss normalisation baked in "
+                               "(as nst stylize --content-norm)", choices=CONTENT_NORMS)
     opset: int = option(MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
     trace_size: str = option("224x224", help="WIDTHxHEIGHT of the example input used to trace", metavar="WxH")
     check_size: str = option(
@@ -54,6 +69,11 @@ class ExportSettings:
         # Normalised once, here (a frozen value otherwise): unique formats, a Path.
         object.__setattr__(self, "formats", tuple(dict.fromkeys(formats)))
         object.__setattr__(self, "out", Path(self.out))
+        if self.gram_norm not in GRAM_NORMS or self.content_norm not in CONTENT_NORMS:
+            raise ExportError(f"unknown normalisation {self.gram_norm!r}/{self.content_norm!r}: --gram-norm is one of "
+                              f"{', '.join(GRAM_NORMS)}; --content-norm one of {', '.join(CONTENT_NORMS)}")
+        parse_layer_weights(self.content_layers, self.network)  # InputError, one line, for a bad layer
+        parse_layer_weights(self.style_layers, self.network)
         if self.precision not in PRECISIONS:
             raise ExportError(f"unknown precision {self.precision!r}; choose fp32, fp16 or bf16")
         if self.opset < MIN_OPSET:

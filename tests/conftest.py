@@ -77,11 +77,13 @@ def eager(weight_files):
 
 @pytest.fixture(scope="session")
 def export_dir(tmp_path_factory, weight_files) -> Path:
-    """One fp32 export shared by the tests that only read it."""
+    """One fp32 export shared by the tests that only read it. Without the step graphs (a
+    minute more; tests/test_onnx_step.py makes its own, and the CI floor's torch stays off them)."""
     from nst.export import ExportSettings, export_extractor
 
     out = tmp_path_factory.mktemp("export")
     export_extractor(
-        ExportSettings(out=out, weights=str(weight_files["features"]), trace_size="64x64", check_size="80x48")
+        ExportSettings(out=out, weights=str(weight_files["features"]), trace_size="64x64", check_size="80x48",
+                       formats=("torchscript", "onnx", "pt2"))
     )
     return out
