@@ -96,7 +96,7 @@ def bench_recipe(name: str, cfg: RecipeBenchSettings, device: torch.device) -> d
     check = Original(state, content, style, start, s, inplace=False)
     p = prepare(content[0].cpu(), [(style[0].cpu(), 1.0)], s, init=start[0].cpu())
     with torch.no_grad():
-        engine_loss = float(p.objective(p.x.detach())[0])
+        engine_loss = float(p.objective.losses(p.x.detach())[0])
     orig_loss = check.first_loss()
     rel = abs(engine_loss - orig_loss) / max(abs(orig_loss), 1e-30)
     rec["parity"] = {"original_first_loss": orig_loss, "engine_first_loss": engine_loss, "rel_err": rel,

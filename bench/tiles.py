@@ -24,7 +24,8 @@ import time
 import torch
 
 from nst.engine.device import sync
-from nst.engine.memory import TILE_SIZES, available_bytes, estimate_step_bytes, estimate_tiled_bytes, largest_fitting
+from nst.engine.memory import available_bytes, estimate_step_bytes, estimate_tiled_bytes, largest_fitting
+from nst.engine.tiling import TILE_SIZES
 from nst.engine.plan import resolve_plan
 from nst.engine.session import prepare
 from nst.engine.errors import InputError

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .budget import ScalePlan
+from .budget import ScaleSchedule
 
 FINAL_MIN_SHARE = 0.25  # of the optimisation time: the final scale's guaranteed minimum
 MIN_CHEAPER = 1.5  # a coarse scale is kept only if its step costs at most 1/1.5 of the next scale's
@@ -78,26 +78,26 @@ class MoveOnRule:
         return None
 
 
-def worth_running(plans: list[ScalePlan]) -> list[ScalePlan]:
+def worth_running(schedule: list[ScaleSchedule]) -> list[ScaleSchedule]:
     """The scales left after dropping, from the coarse end, those not ``MIN_CHEAPER`` times
     cheaper per step than the next (and every scale coarser than such a one)."""
-    for k in range(len(plans) - 2, -1, -1):
-        if plans[k + 1].cost.step_s < MIN_CHEAPER * plans[k].cost.step_s:
-            return plans[k + 1:]
-    return plans
+    for k in range(len(schedule) - 2, -1, -1):
+        if schedule[k + 1].cost.step_s < MIN_CHEAPER * schedule[k].cost.step_s:
+            return schedule[k + 1:]
+    return schedule
 
 
-def move_on_threshold(rho: float, this: ScalePlan, nxt: ScalePlan) -> float:
+def move_on_threshold(rho: float, this: ScaleSchedule, nxt: ScaleSchedule) -> float:
     """rho / c, with c the step-cost ratio of the next scale to this one (calibrated; at
     least 1: a finer scale never costs less per step)."""
     c = max(nxt.cost.step_s, 1e-9) / max(this.cost.step_s, 1e-9)
     return rho / max(c, 1.0)
 
 
-def coarse_limit(plans: list[ScalePlan], k: int, elapsed: float, end: float, final_min_s: float) -> float:
+def coarse_limit(schedule: list[ScaleSchedule], k: int, elapsed: float, end: float, final_min_s: float) -> float:
     """Seconds scale ``k`` (not the last) may run from now (``elapsed`` on the budget's
     clock): all that is left before ``end`` except what the later scales need."""
-    later = plans[k + 1:]
+    later = schedule[k + 1:]
     need = sum(sc.cost.seconds(1) for sc in later[:-1]) + later[-1].cost.seconds(0) + final_min_s
     return max(0.05, end - elapsed - need)
 

@@ -4,7 +4,7 @@ then the budget split over the scales.
 The cost model (``ScaleCost``) is the one place where time is predicted: a scale costs its
 setup (targets, buffers), the extra time of its first steps (kernel selection; with a CUDA
 graph, the eager warm-up steps and the capture) and a steady time per step. After the last
-step the caller needs ``finish_s`` to write the image (nst/stylize_command.py predicts it
+step the caller needs ``write_s`` to write the image (nst/stylize_command.py predicts it
 from the format and size), and a margin absorbs noise. The time left after calibration is
 split: half to the final scale and the rest evenly over the coarser ones, each as a whole
 number of steps. While the render runs, ``replan`` gives each scale its deadline: coarse
@@ -46,19 +46,19 @@ class ScaleCost:
 
 
 @dataclass
-class ScalePlan:
+class ScaleSchedule:
+    """One scale of a render: its size, its measured cost and its steps. ``steps`` and
+    ``planned_s`` are re-planned before the scale runs, with the time actually left (by this
+    module's ``allocate``, ``replan`` and ``fit``, nothing else); ``initial_*`` keep the
+    schedule as first printed. What the scale then did is multiscale.py's ScaleOutcome."""
+
     size: int  # long edge
     hw: tuple[int, int]
     cost: ScaleCost
-    steps: int = 0  # re-planned before the scale runs, with the time actually left
+    steps: int = 0
     planned_s: float = 0.0
-    initial_steps: int = 0  # the plan as first printed
+    initial_steps: int = 0
     initial_planned_s: float = 0.0
-    actual_s: float = 0.0  # the outcome, once the scale has run
-    steps_run: int = 0
-    first_loss: float | None = None
-    final_loss: float | None = None
-    why: str = ""  # why the scale ended (the printed plan shows it)
 
     @property
     def wxh(self) -> str:
@@ -68,10 +68,14 @@ class ScalePlan:
     def step_s(self) -> float:
         return self.cost.step_s
 
+    def mark_initial(self) -> None:
+        """The schedule as it is now is the one printed (and compared with the outcome)."""
+        self.initial_steps, self.initial_planned_s = self.steps, self.planned_s
+
 
 def budget_margin(budget: float) -> float:
     """Reserved for noise (and the last evaluation and copy of the image): 5% of the budget,
-    at least 1 s. Writing the image is planned separately (``finish_s``)."""
+    at least 1 s. Writing the image is planned separately (``write_s``)."""
     return max(1.0, 0.05 * budget)
 
 
@@ -96,12 +100,12 @@ def measure_scale(content, styles, settings: StylizeSettings, extractor) -> tupl
 
 
 def calibrate(content, styles, settings: StylizeSettings, extractor, sizes, budget: float | None, t_start: float,
-              reserve: float) -> list[ScalePlan]:
+              reserve: float) -> list[ScaleSchedule]:
     """Measure each scale's cost. With a budget, drop the coarsest scales while the budget
     cannot pay every scale's setup and one step, and refuse it when it cannot pay that
     for the final scale alone. ``reserve``: seconds kept at the end (margin, writing)."""
     content_hw = tuple(content.shape[-2:])
-    plans = []
+    schedule = []
     for k, size in enumerate(sizes):
         s_k = settings.at_scale(content_hw, size)
         if k == 0:
@@ -109,34 +113,34 @@ def calibrate(content, styles, settings: StylizeSettings, extractor, sizes, budg
             # kernel libraries) that would make the first scale look slower than it is.
             prepare(content, styles, s_k, extractor)
         cost, hw = measure_scale(content, styles, s_k, extractor)
-        plans.append(ScalePlan(size, hw, cost))
+        schedule.append(ScaleSchedule(size, hw, cost))
         if k == 0 and budget is not None:
-            _check_affordable(plans[:1], budget, t_start, reserve)
+            _check_affordable(schedule[:1], budget, t_start, reserve)
     if budget is not None:
-        plans = affordable(plans, budget - (time.perf_counter() - t_start) - reserve)
-        _check_affordable(plans, budget, t_start, reserve)
-    return plans
+        schedule = affordable(schedule, budget - (time.perf_counter() - t_start) - reserve)
+        _check_affordable(schedule, budget, t_start, reserve)
+    return schedule
 
 
-def affordable(plans: list[ScalePlan], seconds: float) -> list[ScalePlan]:
+def affordable(schedule: list[ScaleSchedule], seconds: float) -> list[ScaleSchedule]:
     """The scales whose setup and one step each fit in ``seconds``: the coarsest dropped
     first, the final scale always kept (a budget too small for it is refused elsewhere)."""
-    plans = list(plans)
-    while len(plans) > 1 and sum(sc.cost.seconds(1) for sc in plans) > seconds:
-        plans.pop(0)
-    return plans
+    schedule = list(schedule)
+    while len(schedule) > 1 and sum(sc.cost.seconds(1) for sc in schedule) > seconds:
+        schedule.pop(0)
+    return schedule
 
 
-def _shortfall(plans: list[ScalePlan], budget: float, t_start: float, reserve: float) -> float:
+def _shortfall(schedule: list[ScaleSchedule], budget: float, t_start: float, reserve: float) -> float:
     """Seconds by which the budget misses every scale's setup and one step (<= 0: it does not)."""
     spent = time.perf_counter() - t_start
-    return spent + sum(sc.cost.seconds(1) for sc in plans) + reserve - budget
+    return spent + sum(sc.cost.seconds(1) for sc in schedule) + reserve - budget
 
 
-def _check_affordable(plans: list[ScalePlan], budget: float, t_start: float, reserve: float) -> None:
-    short = _shortfall(plans, budget, t_start, reserve)
+def _check_affordable(schedule: list[ScaleSchedule], budget: float, t_start: float, reserve: float) -> None:
+    short = _shortfall(schedule, budget, t_start, reserve)
     if short > 0:
-        sc = plans[-1]
+        sc = schedule[-1]
         spent = time.perf_counter() - t_start
         raise InputError(
             f"--time-budget {budget:g} s is too small: one step at {sc.wxh} takes {sc.cost.step_s:.2f} s after "
@@ -146,23 +150,29 @@ def _check_affordable(plans: list[ScalePlan], budget: float, t_start: float, res
         )
 
 
-def allocate(plans: list[ScalePlan], seconds: float) -> None:
+def allocate(schedule: list[ScaleSchedule], seconds: float) -> None:
     """Split ``seconds`` over the scales (whole steps, at least one each)."""
-    n = len(plans)
+    n = len(schedule)
     shares = [1.0] if n == 1 else [(1 - FINAL_SHARE) / (n - 1)] * (n - 1) + [FINAL_SHARE]
-    for scale, share in zip(plans, shares):
+    for scale, share in zip(schedule, shares):
         scale.steps = scale.cost.steps_within(seconds * share)
         scale.planned_s = scale.cost.seconds(scale.steps)
     # Whatever the rounding left over goes to the final scale.
-    spare = seconds - sum(sc.planned_s for sc in plans)
-    last = plans[-1]
+    spare = seconds - sum(sc.planned_s for sc in schedule)
+    last = schedule[-1]
     if spare > last.cost.step_s:
         extra = int(spare / last.cost.step_s)
         last.steps += extra
         last.planned_s += extra * last.cost.step_s
 
 
-def replan(plans: list[ScalePlan], k: int, elapsed: float, end: float) -> float:
+def fit(scale: ScaleSchedule, seconds: float) -> None:
+    """Re-plan one scale to the most steps that fit in ``seconds``, setup included."""
+    scale.steps = scale.cost.steps_within(seconds)
+    scale.planned_s = scale.cost.seconds(scale.steps)
+
+
+def replan(schedule: list[ScaleSchedule], k: int, elapsed: float, end: float) -> float:
     """Re-plan scale ``k`` and the ones after it with the time actually left before ``end``
     (seconds on the budget's clock when the last step must be done); return scale k's time
     limit (seconds from its start).
@@ -172,10 +182,10 @@ def replan(plans: list[ScalePlan], k: int, elapsed: float, end: float) -> float:
     at ``end``.
     """
     left = end - elapsed
-    last = k == len(plans) - 1
-    if last or left < sum(sc.initial_planned_s for sc in plans[k:]):
-        allocate(plans[k:], left)  # the final scale takes what is left; behind the plan, all shrink
+    last = k == len(schedule) - 1
+    if last or left < sum(sc.initial_planned_s for sc in schedule[k:]):
+        allocate(schedule[k:], left)  # the final scale takes what is left; behind the plan, all shrink
     else:
-        plans[k].steps, plans[k].planned_s = plans[k].initial_steps, plans[k].initial_planned_s
-    stop = end if last else min(elapsed + plans[k].planned_s, end)
+        schedule[k].steps, schedule[k].planned_s = schedule[k].initial_steps, schedule[k].initial_planned_s
+    stop = end if last else min(elapsed + schedule[k].planned_s, end)
     return max(0.05, stop - elapsed)

@@ -30,18 +30,19 @@ class ManifestError(NSTError):
     """An export directory's manifest is missing, malformed or does not match."""
 
 
-class NonFiniteLossError(NSTError):
-    """The loss became NaN or Inf. ``result`` holds the last good image, if any."""
+class RenderFailed(NSTError):
+    """A render that could not go on. ``result`` holds its best image so far, if any: the
+    command line writes it before it reports the error."""
 
     def __init__(self, message: str, result=None):
         super().__init__(message)
         self.result = result  # engine.stats.Result | None
 
 
-class RankLostError(NSTError):
-    """A rank of a distributed render stopped answering (died, or passed --rank-timeout).
-    ``result`` holds the lead's best image so far, if any (engine/ranks.py)."""
+class NonFiniteLossError(RenderFailed):
+    """The loss became NaN or Inf."""
 
-    def __init__(self, message: str, result=None):
-        super().__init__(message)
-        self.result = result  # engine.stats.Result | None
+
+class RankLostError(RenderFailed):
+    """A rank of a distributed render stopped answering (died, or passed --rank-timeout)
+    (engine/ranks.py)."""

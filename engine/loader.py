@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .device import same_device
-from .errors import InputError, ManifestError
+from .errors import ManifestError
 from .features import VGGFeatures, build_extractor
 from .fsutil import sha256_file
 from .layers import DEFAULT_TAPS, parse_taps
@@ -67,13 +67,12 @@ class ScriptedExtractor(nn.Module):
         """This extractor on ``device``, with channels-last conv weights when asked: ``self``
         when nothing would change, else a copy (or ``self`` converted, when ``owned``). The
         copy goes through TorchScript's own serialisation: ScriptModules do not deep-copy
-        reliably."""
+        reliably. (``checkpoint`` is never asked of it: its ``can_checkpoint`` is False, and the
+        plan, engine/plan.py, checkpoints only an extractor that can.)"""
         device = torch.device(device)
         weights = [p for p in self.scripted.parameters() if p.dim() == 4]
         here = weights[0].device if weights else device
         same_format = all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in weights)
-        if checkpoint:
-            raise InputError("a TorchScript extractor cannot recompute its blocks (activation checkpointing)")
         if same_device(here, device) and same_format:
             return self
         scripted = self.scripted

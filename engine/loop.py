@@ -37,7 +37,7 @@ class StepInfo:
     steps_per_s: float  # since the first step of this run
     x: torch.Tensor  # the image being optimised (a live view: copy it, or call image())
     before: int = 0  # steps of the earlier scales of a multi-scale render
-    scale: int = 0  # index of the scale (multi-scale)
+    scale_index: int = 0  # which scale of a multi-scale render (0: the first)
     # The optimiser's state now (the stepper's state_dict; engine/state.py saves it with
     # the image for --resume); read it at progress intervals only.
     optimizer_state: Callable[[], dict] | None = None
@@ -162,39 +162,45 @@ def optimize(p: Prepared, callback: Callback | None = None, t_start: float | Non
     if callback is not None:
         callback(StepInfo(start, s.steps, None, 0.0, x, optimizer_state=state, opening=True))
     try:
-        for i in range(start, s.steps):
-            if deadline is not None and i > start and pace.next_done() > deadline:
-                stats.stopped = "time-limit"  # the next step would end past the limit
-                break
-            report = i % s.progress_every == 0 or i == s.steps - 1
-            if report:
-                best.snap.copy_(x.detach())  # the image this step evaluates
-            if scheduled:
-                stepper.set_lr(s.lr_at(i))
-            hist[i - start].copy_(stepper.step())
-            done = i + 1
-            losses = hist[i - start].tolist() if report else None  # host sync: progress interval only
-            pace.issued(synced=report)
-            if losses is not None:
-                if not all(math.isfinite(v) for v in losses):
-                    stats.stopped = "non-finite"
+        try:
+            for i in range(start, s.steps):
+                if deadline is not None and i > start and pace.next_done() > deadline:
+                    stats.stopped = "time-limit"  # the next step would end past the limit
                     break
-                best.offer(losses[0], i, best.snap)
-            if callback is not None:
-                callback(StepInfo(done, s.steps, losses, (done - start) / max(time.perf_counter() - t0, 1e-9), x,
-                                  optimizer_state=state))
-            if losses is not None and stop_rule is not None:
-                why = stop_rule(i, losses[0])  # the loss after i steps (this step evaluated it)
-                if why:
-                    stats.stopped, stats.stop_reason = "moved-on", why
-                    break
-    except KeyboardInterrupt:
-        stats.stopped = "interrupted"
-    except RankLostError as e:  # a distributed render lost a rank (engine/ranks.py): keep the best image
-        stats.stopped, stats.stop_reason = "rank-lost", str(e)
-    sync(x.device)
-    stats.loop_s = time.perf_counter() - t0
-    return _finish(p, stats, hist, done, best, t_start, start)
+                report = i % s.progress_every == 0 or i == s.steps - 1
+                if report:
+                    best.snap.copy_(x.detach())  # the image this step evaluates
+                if scheduled:
+                    stepper.set_lr(s.lr_at(i))
+                hist[i - start].copy_(stepper.step())
+                done = i + 1
+                losses = hist[i - start].tolist() if report else None  # host sync: progress interval only
+                pace.issued(synced=report)
+                if losses is not None:
+                    if not all(math.isfinite(v) for v in losses):
+                        stats.stopped = "non-finite"
+                        break
+                    best.offer(losses[0], i, best.snap)
+                if callback is not None:
+                    callback(StepInfo(done, s.steps, losses, (done - start) / max(time.perf_counter() - t0, 1e-9), x,
+                                      optimizer_state=state))
+                if losses is not None and stop_rule is not None:
+                    why = stop_rule(i, losses[0])  # the loss after i steps (this step evaluated it)
+                    if why:
+                        stats.stopped, stats.stop_reason = "moved-on", why
+                        break
+        except KeyboardInterrupt:
+            stats.stopped = "interrupted"
+        sync(x.device)
+        stats.loop_s = time.perf_counter() - t0
+        final = _final_loss(p, stats)
+    except RankLostError as e:
+        # A distributed render lost a rank (engine/ranks.py), in the steps or in the final
+        # evaluation (the workers may go first on a signal): handled here and only here. The
+        # render ends with its best image, as RankLostError (see _result).
+        stats.stopped, stats.stop_reason, final = "rank-lost", str(e), math.nan
+        stats.loop_s = stats.loop_s or time.perf_counter() - t0
+    return _result(p, stats, hist, done, best, t_start, start, final)
 
 
 def _new_stats(p: Prepared) -> RunStats:
@@ -208,25 +214,31 @@ def _new_stats(p: Prepared) -> RunStats:
     )
 
 
-def _finish(p: Prepared, stats: RunStats, hist: torch.Tensor, done: int, best: _Best, t_start: float,
-            start: int = 0) -> Result:
-    """Fill in the statistics and pick the returned image: the final image (evaluated once
-    more here, without a step) or the best one seen at a progress interval."""
+def _final_loss(p: Prepared, stats: RunStats) -> float:
+    """The loss of the image the steps ended on (evaluated once more, without a step); NaN
+    where it was not evaluated."""
+    if stats.stopped == "non-finite":
+        return math.nan
+    try:
+        with float32_math(p.objective.math):
+            return float(p.objective.losses(p.x.detach())[0])  # host sync: once, after the steps
+    except KeyboardInterrupt:  # a second Ctrl-C: keep the best image seen, skip this check
+        stats.stopped = "interrupted"
+    return math.nan
+
+
+def _result(p: Prepared, stats: RunStats, hist: torch.Tensor, done: int, best: _Best, t_start: float,
+            start: int, final: float) -> Result:
+    """Fill in the statistics and pick the returned image: the final image (its loss
+    ``final``) or the best one seen at a progress interval. A render that cannot go on
+    raises, with that image: NonFiniteLossError or RankLostError."""
     stats.capture_s = p.stepper.capture_s
     stats.steps_run = done - start
     stats.steps_per_s = stats.steps_run / stats.loop_s if stats.loop_s > 0 else 0.0
     h = hist[:done - start].cpu()
     stats.loss, stats.content, stats.style, stats.tv = (h[:, k].tolist() for k in range(4))
-    if stats.stopped not in ("non-finite", "rank-lost"):
-        try:
-            with torch.no_grad(), float32_math(p.objective.math):
-                final = p.objective(p.x.detach()).tolist()
-        except KeyboardInterrupt:  # a second Ctrl-C: keep the best image seen, skip this check
-            stats.stopped, final = "interrupted", [math.nan]
-        except RankLostError as e:  # the workers went first (a signal reaches every rank)
-            stats.stopped, stats.stop_reason, final = stats.stopped or "rank-lost", str(e), [math.nan]
-        if math.isfinite(final[0]):
-            best.offer(final[0], done, p.x.detach(), ties=True)  # on a tie, the image with more steps
+    if math.isfinite(final):
+        best.offer(final, done, p.x.detach(), ties=True)  # on a tie, the image with more steps
     stats.final_loss, stats.image_from_step = best.loss, best.step
     stats.total_s = time.perf_counter() - t_start
     result = None

@@ -104,6 +104,17 @@ def content_value(f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (_f32(f) - target).square().mean()
 
 
+def content_sq_sum(f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """sum((F - P)^2), float32: a part of content_value's numerator (a tile's interior)."""
+    with _no_autocast(f):
+        return (_f32(f) - target).square().sum()
+
+
+def content_value_sum(sq_sum: torch.Tensor, c, h, w) -> torch.Tensor:
+    """content_value from the sum of squares over one image's whole (C, h, w) map."""
+    return sq_sum / (c * h * w)
+
+
 def style_value(f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """mean((gram(F) - A)^2) for features F (1, C, H, W) and the target Gram A (1, C, C)."""
     with _no_autocast(f):
@@ -130,10 +141,11 @@ content_loss, style_loss, tv_loss = content_value, style_value, tv_value  # the 
 
 # -- the terms: gradients ------------------------------------------------------------
 
-def content_grad(f: torch.Tensor, target: torch.Tensor, coef=1.0) -> torch.Tensor:
-    """d content_value / dF = 2 coef (F - P) / numel, float32, F's shape."""
+def content_grad(f: torch.Tensor, target: torch.Tensor, coef=1.0, numel=None) -> torch.Tensor:
+    """d (coef * content_value) / dF = 2 coef (F - P) / numel, float32, F's shape. ``numel``:
+    the elements the mean runs over, when F is a part of the map (a tile's interior)."""
     d = _f32(f) - target
-    return d * (2.0 * coef / d.numel())
+    return d * (2.0 * coef / (d.numel() if numel is None else numel))
 
 
 def style_grad_raw(g_raw: torch.Tensor, target: torch.Tensor, c, m, coef=1.0) -> torch.Tensor:
@@ -181,10 +193,9 @@ class LossSpec:
     style_weight: float
     tv_weight: float
 
-    def content_coefs(self, feats) -> list:
-        """Each content layer's coefficient at the size of ``feats`` (the network's outputs)."""
-        return [content_coef(self.content_norm, w, feats[i].shape[1], feats[i].shape[2] * feats[i].shape[3])
-                for i, w in self.content]
+    def content_coefs(self, shapes) -> list:
+        """Each content layer's coefficient; ``shapes``: (C, h, w) of each content layer's map."""
+        return [content_coef(self.content_norm, w, c, h * ww) for (_, w), (c, h, ww) in zip(self.content, shapes)]
 
     def style_coefs(self, shapes) -> list:
         """Each style layer's coefficient; ``shapes``: (C, h, w) per style layer."""
@@ -199,10 +210,10 @@ class LossSpec:
         """The (4,) losses of image ``x`` (1, 3, H, W) from its features; differentiable
         (the whole-image objective's autograd path runs through it)."""
         # float32 whatever the network ran in (autocast is off inside each value function)
-        c = sum(k * content_value(feats[i], t)
-                for (i, _), k, t in zip(self.content, self.content_coefs(feats), content_targets))
-        shapes = [tuple(feats[i].shape[1:]) for i, _ in self.style]
-        s = sum(k * style_value(feats[i], g) for (i, _), k, g in zip(self.style, self.style_coefs(shapes), gram_targets))
+        c_coefs = self.content_coefs([tuple(feats[i].shape[1:]) for i, _ in self.content])
+        s_coefs = self.style_coefs([tuple(feats[i].shape[1:]) for i, _ in self.style])
+        c = sum(k * content_value(feats[i], t) for (i, _), k, t in zip(self.content, c_coefs, content_targets))
+        s = sum(k * style_value(feats[i], g) for (i, _), k, g in zip(self.style, s_coefs, gram_targets))
         tv = tv_value(x)
         c = c if isinstance(c, torch.Tensor) else x.new_zeros(())
         s = s if isinstance(s, torch.Tensor) else x.new_zeros(())

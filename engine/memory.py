@@ -1,6 +1,7 @@
-"""The memory plan: estimate a step's peak memory from the layer shapes, compare it with
-what the device has free, and choose plain execution, activation checkpointing, or a
-clear refusal that names the largest size that fits.
+"""The memory estimate: a step's peak memory from the layer shapes, compared with what the
+device has free, and the execution that fits: plain, activation checkpointing, exact tiles,
+or a clear refusal that names the largest size that fits. ``estimate_memory`` is the entry
+point; the plan of a render (engine/plan.py) takes its choice.
 
 The estimate (bytes) for one optimisation step on an H x W image, activation element
 size ``b`` (4 for fp32, 2 for bf16/fp16 convolutions):
@@ -25,12 +26,15 @@ from dataclasses import dataclass
 from .errors import InputError
 from .layers import deepest, layer_by_name, layers_upto, tile_halo
 from .sizes import wxh
+from .tiling import TILE_SIZES, tile_interior
 
 GiB = 1024**3
 
 
-@dataclass
-class MemoryPlan:
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The estimates of one size, and the execution chosen from them."""
+
     size: tuple[int, int]
     estimate_bytes: int  # plain execution
     checkpointed_bytes: int  # with activation checkpointing over the VGG blocks
@@ -50,7 +54,7 @@ class MemoryPlan:
         mode = "activation checkpointing" if self.checkpoint else "plain"
         if self.tile:
             mode = f"exact tiled steps, {self.tile} px tiles ({self.tiled_bytes / GiB:.2f} GiB)"
-        return (f"memory plan for {wxh(self.size)}: estimated peak {self.estimate_bytes / GiB:.2f} GiB "
+        return (f"memory estimate for {wxh(self.size)}: estimated peak {self.estimate_bytes / GiB:.2f} GiB "
                 f"plain, {self.checkpointed_bytes / GiB:.2f} GiB checkpointed; available {avail}; using {mode}")
 
 
@@ -104,15 +108,6 @@ def estimate_step_bytes(h: int, w: int, taps: tuple[str, ...], network: str = "v
     return b["resident"] + b["step"]
 
 
-TILE_SIZES = (2048, 1024, 512, 256, 128, 64)  # tried largest first when only tiles fit
-
-
-def tile_interior(tile: int, stride: int) -> int:
-    """A requested tile size as the tiles use it: rounded up to the deepest tap's stride
-    (at least one stride), so that tile edges stay on the pooling grid."""
-    return max(stride, -(-tile // stride) * stride)
-
-
 def estimate_tiled_bytes(h: int, w: int, tile: int, taps: tuple[str, ...], network: str = "vgg19",
                          act_bytes: int = 4, pool: str = "max", n_content: int = 1) -> int:
     """A tiled step (engine/tiles.py): what stays whole (weights, image, Adam state, content
@@ -152,9 +147,9 @@ def available_bytes(device: str) -> int | None:
     return None
 
 
-def plan_memory(h: int, w: int, taps, network: str, act_bytes: int, pool: str, device: str, mode: str = "auto",
-                limit_gib: float | None = None, can_checkpoint: bool = True, style_hws=(),
-                tile: int | None = None) -> MemoryPlan:
+def estimate_memory(h: int, w: int, taps, network: str, act_bytes: int, pool: str, device: str, mode: str = "auto",
+                    limit_gib: float | None = None, can_checkpoint: bool = True, style_hws=(),
+                    tile: int | None = None) -> MemoryEstimate:
     """Decide plain, checkpointed or tiled execution, or refuse with the largest size that fits.
 
     ``mode``: auto (checkpoint only when the plain step would not fit), on, off.
@@ -168,8 +163,8 @@ def plan_memory(h: int, w: int, taps, network: str, act_bytes: int, pool: str, d
     ckpt = estimate_step_bytes(h, w, taps, network, act_bytes, pool, checkpoint=True)
     avail = int(limit_gib * GiB) if limit_gib is not None else available_bytes(device)
     budget = None if avail is None else int(avail * 0.9)  # keep 10% for the allocator and the rest
-    def tiled(t: int) -> MemoryPlan:
-        return MemoryPlan((h, w), plain, ckpt, avail, False, device, t,
+    def tiled(t: int) -> MemoryEstimate:
+        return MemoryEstimate((h, w), plain, ckpt, avail, False, device, t,
                           estimate_tiled_bytes(h, w, t, taps, network, act_bytes, pool))
 
     if tile is not None:
@@ -205,7 +200,7 @@ def plan_memory(h: int, w: int, taps, network: str, act_bytes: int, pool: str, d
         if budget is not None and need > budget:
             raise InputError(f"a style image at {wxh((sh, sw))} needs about {need / GiB:.2f} GiB for its features, more "
                              f"than the {budget / GiB:.2f} GiB available on {device}: lower --style-scale")
-    return MemoryPlan((h, w), plain, ckpt, avail, checkpoint, device)
+    return MemoryEstimate((h, w), plain, ckpt, avail, checkpoint, device)
 
 
 def largest_fitting(h, w, taps, network, act_bytes, pool, budget, checkpoint, tiles: bool = False

@@ -9,18 +9,19 @@ the balance of content and style shifts between scales. Optimiser state is *not*
 over: L-BFGS's history vectors have the old image's dimension, and Adam's moments are
 per-pixel statistics of the old grid whose gradient scale changes with the size (mean-
 normalised losses give gradients ~1/(H W) per pixel), so upsampled moments would be
-wrong by the area ratio; both start fresh. The budget's plan is engine/budget.py's.
+wrong by the area ratio; both start fresh. The budget's schedule is engine/budget.py's; the lines that describe it, engine/summary.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 
 from .adaptive import (FINAL_MIN_SHARE, MoveOnRule, coarse_limit, move_on_threshold, progress_interval,
                        worth_running)
-from .budget import ScaleCost, ScalePlan, allocate, budget_margin, calibrate, replan
-from .errors import InputError, NonFiniteLossError, RankLostError
+from .budget import ScaleCost, ScaleSchedule, allocate, budget_margin, calibrate, fit, replan
+from .errors import InputError, RenderFailed
 from .imageio import resize_to
 from .loader import extractor_for
 from .loop import Callback, run
@@ -28,64 +29,85 @@ from .settings import StylizeSettings
 from .stats import Result
 
 
-def _offset(callback: Callback | None, before: int, scale: int) -> Callback | None:
+@dataclass
+class ScaleOutcome:
+    """What one scale did (its schedule is budget.py's ScaleSchedule)."""
+
+    actual_s: float = 0.0
+    steps_run: int = 0
+    first_loss: float | None = None
+    final_loss: float | None = None
+    why: str = ""  # why the scale ended (the printed report shows it)
+
+
+def _offset(callback: Callback | None, before: int, scale_index: int) -> Callback | None:
     if callback is None:
         return None
-    return lambda info: callback(dataclasses.replace(info, before=before, scale=scale))
+    return lambda info: callback(dataclasses.replace(info, before=before, scale_index=scale_index))
 
 
-def plan_scales(content, styles, settings: StylizeSettings, extractor, t_start: float,
-                finish_s: float = 0.0) -> list[ScalePlan]:
+def schedule_scales(content, styles, settings: StylizeSettings, extractor, t_start: float,
+                    write_s: float = 0.0) -> list[ScaleSchedule]:
     """The scales to run: with a budget, calibrated and allocated; else --steps each."""
     sizes = settings.scale_sizes()
     budget = settings.time_budget
     if budget is None:
         unknown = ScaleCost(0.0, 0.0, 0.0)
-        return [ScalePlan(s, settings.output_hw(tuple(content.shape[-2:]), s), unknown, settings.steps)
+        return [ScaleSchedule(s, settings.output_hw(tuple(content.shape[-2:]), s), unknown, settings.steps)
                 for s in sizes]
-    reserve = budget_margin(budget) + finish_s
-    plans = calibrate(content, styles, settings, extractor, sizes, budget, t_start, reserve)
-    if adaptive_plan(settings):
-        plans = worth_running(plans)
-    allocate(plans, budget - (time.perf_counter() - t_start) - reserve)
-    for sc in plans:
-        sc.initial_steps, sc.initial_planned_s = sc.steps, sc.planned_s
-    return plans
+    reserve = budget_margin(budget) + write_s
+    schedule = calibrate(content, styles, settings, extractor, sizes, budget, t_start, reserve)
+    if adaptive_budget(settings):
+        schedule = worth_running(schedule)
+    allocate(schedule, budget - (time.perf_counter() - t_start) - reserve)
+    for sc in schedule:
+        sc.mark_initial()
+    return schedule
 
 
 def render(content, styles, settings: StylizeSettings, extractor=None, init=None, callback: Callback | None = None,
-           t_start: float | None = None, on_plan=None, finish_s: float = 0.0, resume=None) -> Result:
+           t_start: float | None = None, on_schedule=None, write_s: float = 0.0, resume=None) -> Result:
     """Single- or multi-scale render, optionally under ``settings.time_budget`` seconds.
 
-    ``t_start`` is when the budget's clock started (default: now); ``finish_s`` is what the
+    ``t_start`` is when the budget's clock started (default: now); ``write_s`` is what the
     caller needs after the render to finish within the budget (writing the image).
-    ``on_plan(plans)`` is called once the plan is known (the CLI prints it). The result's
-    ``stats.scales`` lists each scale's plan and outcome. ``resume`` (engine/state.py's
+    ``on_schedule(schedule)`` is called once the schedule (a ScaleSchedule per scale) is
+    known: the command line prints engine/summary.py's lines for it. The result's
+    ``stats.scales`` lists each scale's schedule and outcome. ``resume`` (engine/state.py's
     RenderState; not with a budget) skips the scales before its own and goes on from its step.
     """
     t_start = time.perf_counter() if t_start is None else t_start
-    if resume is not None and settings.time_budget is not None:
-        raise InputError("--resume continues a render of fixed steps; a --time-budget render cannot be resumed")
+    if resume is not None:
+        settings.check_resumable()
     if len(settings.scale_sizes()) == 1 and settings.time_budget is None:
-        if resume is not None and resume.scale != 0:
+        if resume is not None and resume.scale_index != 0:
             raise InputError("--resume: the state file is from scale "
-                             f"{resume.scale + 1} of a multi-scale render; this render has one scale")
+                             f"{resume.scale_index + 1} of a multi-scale render; this render has one scale")
         return run(content, styles, settings, extractor=extractor, init=init, callback=callback, resume=resume)
     if extractor is None:  # loaded once here, not once per scale
         extractor = extractor_for(settings)
-    plans = plan_scales(content, styles, settings, extractor, t_start, finish_s)
-    if on_plan is not None:
-        on_plan(plans)
+    schedule = schedule_scales(content, styles, settings, extractor, t_start, write_s)
+    if on_schedule is not None:
+        on_schedule(schedule)
+    if resume is not None and not 0 <= resume.scale_index < len(schedule):
+        raise InputError(f"--resume: the state file is from scale {resume.scale_index + 1}; this render has "
+                         f"{len(schedule)}")
+    outcomes = [ScaleOutcome() for _ in schedule]
+    result = _run_scales(content, styles, settings, extractor, init, callback, schedule, outcomes, t_start,
+                         write_s, resume)
+    return _summary(result, schedule, outcomes, settings, t_start)
+
+
+def _run_scales(content, styles, settings, extractor, init, callback, schedule, outcomes, t_start, write_s, resume):
+    """Each scale in turn, the image upsampled between them; the last scale's result."""
     image, result, steps_before = init, None, 0
-    if resume is not None and not 0 <= resume.scale < len(plans):
-        raise InputError(f"--resume: the state file is from scale {resume.scale + 1}; this render has {len(plans)}")
-    pacer = _Pacer(plans, settings, t_start, finish_s)
-    for k, scale in enumerate(plans):
-        if resume is not None and k < resume.scale:
+    pacer = _Pacer(schedule, settings, t_start, write_s)
+    for k, (scale, out) in enumerate(zip(schedule, outcomes)):
+        if resume is not None and k < resume.scale_index:
             continue  # done before the state was written
         t0 = time.perf_counter()
         s_k, rule = pacer.scale_settings(k, content, t0)
-        here = resume if resume is not None and k == resume.scale else None  # this scale starts from the state
+        here = resume if resume is not None and k == resume.scale_index else None  # starts from the state
         if here is None and image is not None and k > 0:
             image = resize_to(image, scale.hw)  # upsample the previous scale's result
         if here is not None:
@@ -93,60 +115,61 @@ def render(content, styles, settings: StylizeSettings, extractor=None, init=None
         try:
             result = run(content, styles, s_k, extractor=extractor, init=image,
                          callback=_offset(callback, steps_before, k), stop_rule=rule, resume=here)
-        except (NonFiniteLossError, RankLostError) as e:
+        except RenderFailed as e:  # its best image, at the size asked for
             if e.result is not None:
-                e.result.image = resize_to(e.result.image, plans[-1].hw)
+                e.result.image = resize_to(e.result.image, schedule[-1].hw)
             raise
         st = result.stats
-        scale.actual_s, scale.steps_run = time.perf_counter() - t0, st.steps_run
-        scale.first_loss, scale.final_loss = (st.loss[0] if st.loss else None), st.final_loss
-        scale.why = _why(st, k == len(plans) - 1, settings.time_budget is not None)
-        image, steps_before = result.image, steps_before + result.stats.steps_run + (here.step if here else 0)
-        if result.stats.stopped == "interrupted":
+        out.actual_s, out.steps_run = time.perf_counter() - t0, st.steps_run
+        out.first_loss, out.final_loss = (st.loss[0] if st.loss else None), st.final_loss
+        out.why = _why(st, k == len(schedule) - 1, settings.time_budget is not None)
+        image, steps_before = result.image, steps_before + st.steps_run + (here.step if here else 0)
+        if st.stopped == "interrupted":
             break
-    return _finish(result, plans, settings, t_start)
+    return result
 
 
 class _Pacer:
     """Each scale's settings and stop rule: its steps, time limit and progress interval
-    under the budget's plan (equal: engine/budget.py's ``replan``; adaptive: a move-on rule
-    and a cap that keeps the later scales' share, engine/adaptive.py)."""
+    under the budget's schedule (equal: engine/budget.py's ``replan``; adaptive: a move-on
+    rule and a cap that keeps the later scales' share, engine/adaptive.py)."""
 
-    def __init__(self, plans: list[ScalePlan], settings: StylizeSettings, t_start: float, finish_s: float):
-        self.plans, self.settings, self.t_start = plans, settings, t_start
+    def __init__(self, schedule: list[ScaleSchedule], settings: StylizeSettings, t_start: float, write_s: float):
+        self.schedule, self.settings, self.t_start = schedule, settings, t_start
         budget = settings.time_budget
         # With a learning-rate schedule the step count fixes the schedule's length: the fixed
         # split keeps it; the adaptive plan's rule and deadline-run need a constant rate.
-        self.to_deadline = adaptive_plan(settings)
-        self.adaptive = self.to_deadline and len(plans) > 1
-        self.end = None if budget is None else budget - budget_margin(budget) - finish_s
+        self.to_deadline = adaptive_budget(settings)
+        self.adaptive = self.to_deadline and len(schedule) > 1
+        self.end = None if budget is None else budget - budget_margin(budget) - write_s
         if self.adaptive:
-            # The final scale's guaranteed minimum, from the optimisation time the plan had.
-            self.final_min_s = FINAL_MIN_SHARE * sum(sc.initial_planned_s for sc in plans)
+            # The final scale's guaranteed minimum, from the optimisation time the schedule had.
+            self.final_min_s = FINAL_MIN_SHARE * sum(sc.initial_planned_s for sc in schedule)
 
     def scale_settings(self, k: int, content, now: float):
-        plans, settings = self.plans, self.settings
-        scale, last = plans[k], k == len(plans) - 1
-        limit, rule, every = settings.time_limit, None, settings.progress_every
+        schedule, settings = self.schedule, self.settings
+        scale, last = schedule[k], k == len(schedule) - 1
+        limit, rule, every, steps = settings.time_limit, None, settings.progress_every, scale.steps
         if self.adaptive and not last:
-            limit = coarse_limit(plans, k, now - self.t_start, self.end, self.final_min_s)
+            limit = coarse_limit(schedule, k, now - self.t_start, self.end, self.final_min_s)
             every = progress_interval(scale.initial_steps, settings.progress_every)
-            scale.steps = scale.cost.steps_within(limit)
-            scale.planned_s = scale.cost.seconds(scale.steps)
-            rule = MoveOnRule(move_on_threshold(settings.move_on, scale, plans[k + 1])).observe
+            fit(scale, limit)
+            steps = scale.steps
+            rule = MoveOnRule(move_on_threshold(settings.move_on, scale, schedule[k + 1])).observe
         elif self.end is not None:
-            limit = replan(plans, k, now - self.t_start, self.end)
+            limit = replan(schedule, k, now - self.t_start, self.end)
+            steps = scale.steps
             if self.to_deadline and last:
                 # The final scale runs to the deadline, not to a step count predicted from the
                 # calibration (steps often run faster than the calibrated one): room for twice
                 # as many steps, the time limit ends it.
-                scale.steps = 2 * scale.steps + 16
-        s_k = settings.at_scale(tuple(content.shape[-2:]), scale.size, steps=scale.steps, time_budget=None,
+                steps = 2 * scale.steps + 16
+        s_k = settings.at_scale(tuple(content.shape[-2:]), scale.size, steps=steps, time_budget=None,
                                 time_limit=limit, progress_every=every)
         return s_k, rule
 
 
-def adaptive_plan(settings: StylizeSettings) -> bool:
+def adaptive_budget(settings: StylizeSettings) -> bool:
     """Whether a render runs the adaptive budget plan: a budget, --budget-plan adaptive and
     a constant learning rate (a schedule's length is its step count: the fixed split keeps it)."""
     return (settings.time_budget is not None and settings.budget_plan == "adaptive"
@@ -154,7 +177,7 @@ def adaptive_plan(settings: StylizeSettings) -> bool:
 
 
 def _why(st, last: bool, budgeted: bool) -> str:
-    """Why a scale ended, for the printed plan."""
+    """Why a scale ended, for the printed report."""
     if st.stopped == "moved-on":
         return st.stop_reason
     if st.stopped == "time-limit":
@@ -164,18 +187,20 @@ def _why(st, last: bool, budgeted: bool) -> str:
     return "all planned steps" if budgeted or not last else "all steps"
 
 
-def _finish(result: Result, plans: list[ScalePlan], settings: StylizeSettings, t_start: float) -> Result:
-    ran = [sc for sc in plans if sc.actual_s > 0]
+def _summary(result: Result, schedule: list[ScaleSchedule], outcomes: list[ScaleOutcome], settings: StylizeSettings,
+             t_start: float) -> Result:
+    """The result of the last scale run, with every scale's schedule and outcome in its
+    statistics, its image at the size asked for."""
     result.stats.scales = [
         {"size": sc.size, "hw": list(sc.hw), "steps_planned": sc.initial_steps or sc.steps,
-         "steps_replanned": sc.steps, "steps_run": sc.steps_run, "planned_s": sc.initial_planned_s or sc.planned_s,
-         "actual_s": sc.actual_s, "step_s_calibrated": sc.cost.step_s, "setup_s_calibrated": sc.cost.setup_s,
-         "warmup_s_calibrated": sc.cost.warmup_s, "first_loss": sc.first_loss,
-         "final_loss": sc.final_loss, "why": sc.why} for sc in ran]
-    if tuple(result.image.shape[-2:]) != plans[-1].hw:
-        result.image = resize_to(result.image, plans[-1].hw)  # interrupted early: still the size asked for
+         "steps_replanned": sc.steps, "steps_run": out.steps_run, "planned_s": sc.initial_planned_s or sc.planned_s,
+         "actual_s": out.actual_s, "step_s_calibrated": sc.cost.step_s, "setup_s_calibrated": sc.cost.setup_s,
+         "warmup_s_calibrated": sc.cost.warmup_s, "first_loss": out.first_loss,
+         "final_loss": out.final_loss, "why": out.why} for sc, out in zip(schedule, outcomes) if out.actual_s > 0]
+    if tuple(result.image.shape[-2:]) != schedule[-1].hw:
+        result.image = resize_to(result.image, schedule[-1].hw)  # interrupted early: still the size asked for
     if (settings.time_budget is not None and result.stats.stopped == "time-limit"
-            and (adaptive_plan(settings) or result.stats.steps_run >= plans[-1].steps)):
+            and (adaptive_budget(settings) or result.stats.steps_run >= schedule[-1].steps)):
         # The planned steps all ran (the guard did not cut anything), or, adaptive, the final
         # scale ran to the budget's end as planned.
         result.stats.stopped = None

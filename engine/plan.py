@@ -1,29 +1,48 @@
-"""The plan of a render: what the loop will actually run on this machine.
+"""The plan of a render's steps, decided once: ``resolve_plan`` is the entry point.
 
-Resolved once from the settings and the machine: device, precision, memory format,
-whether the Adam step is captured in a CUDA graph, whether the objective is compiled, and
-which path (fast or reference; the reference is never compiled).
+From the settings, the machine and the memory estimate (engine/memory.py), one function
+decides everything about how the steps run: device, precision, memory format, CUDA graph,
+compile, fast or reference path, activation checkpointing, exact tiles, and how many ranks
+share the tiles. Everything after it only reads the ``StepPlan``.
+
+Called with the settings alone it resolves the machine's part (device, precision, layout,
+graph, compile), for callers that need no size (the command line's device, the benchmarks).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from .device import resolve_device
 from .errors import InputError
+from .memory import MemoryEstimate, estimate_memory, estimate_tiled_bytes
 from .settings import StylizeSettings
+from .tiling import rank_tile, tiles_for
 
 
 @dataclass(frozen=True)
-class Plan:
+class StepPlan:
     device: str  # "cpu" | "cuda"
     precision: str  # "fp32" | "tf32" | "bf16" | "fp16"
     channels_last: bool
     cuda_graph: bool
     path: str  # "fast" | "reference"
     compile: bool = False  # the objective under torch.compile (engine/objective.py)
+    memory: MemoryEstimate | None = None  # None: no size given, the machine's part only
+    world: int = 1  # ranks that share every step's tiles (--distributed)
+
+    @property
+    def tile(self) -> int | None:
+        """Exact tiled steps with tiles of this many px (engine/tiles.py), or None."""
+        return self.memory.tile if self.memory is not None else None
+
+    @property
+    def checkpoint(self) -> bool:
+        """Activation checkpointing over the VGG blocks."""
+        return bool(self.memory and self.memory.checkpoint)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -44,14 +63,15 @@ class Plan:
 
     @property
     def act_bytes(self) -> int:
-        """Bytes per activation element of the convolutions (for the memory plan)."""
+        """Bytes per activation element of the convolutions (for the memory estimate)."""
         return 2 if self.precision in ("bf16", "fp16") else 4
 
 
-def resolve_plan(settings: StylizeSettings) -> Plan:
+def _machine(settings: StylizeSettings) -> StepPlan:
+    """Device, precision, layout, graph and compile, from the settings and the machine."""
     device = resolve_device(settings.device).type
     if settings.reference:
-        return Plan(device, "fp32", False, False, "reference")
+        return StepPlan(device, "fp32", False, False, "reference")
     # auto: channels-last everywhere; it measured faster on the CPU and on CUDA
     # (bench/results/ has the numbers).
     channels_last = settings.memory_format in ("auto", "channels_last")
@@ -59,12 +79,39 @@ def resolve_plan(settings: StylizeSettings) -> Plan:
     if device == "cpu":
         if prec in ("bf16", "fp16", "tf32"):
             raise InputError(f"--precision {prec} needs a CUDA GPU; on the CPU the engine runs float32")
-        return Plan("cpu", "fp32", channels_last, False, "fast", settings.compile)
+        return StepPlan("cpu", "fp32", channels_last, False, "fast", settings.compile)
     bf16_ok = torch.cuda.is_bf16_supported()
     if prec == "auto":
         prec = "bf16" if bf16_ok else "fp32"
     if prec == "bf16" and not bf16_ok:
         raise InputError("--precision bf16: this GPU does not support bfloat16; use fp16 or fp32")
-    # A tiled step loops over crops of several shapes in Python: not one graph.
-    graph = settings.cuda_graph and settings.optimizer == "adam" and settings.tile is None
-    return Plan("cuda", prec, channels_last, graph, "fast", settings.compile)
+    graph = settings.cuda_graph and settings.optimizer == "adam"
+    return StepPlan("cuda", prec, channels_last, graph, "fast", settings.compile)
+
+
+def resolve_plan(settings: StylizeSettings, out_hw: tuple[int, int] | None = None, style_hws=(),
+                 can_checkpoint: bool = False, world: int = 1) -> StepPlan:
+    """The plan of the steps at ``out_hw`` (H, W): the machine's part, then the memory
+    estimate's choice (plain, checkpointed, tiled, or refused), tiles for every rank when
+    ``world`` > 1, and what tiles imply. ``style_hws``: the style images' sizes (their
+    features are computed once; one too large is refused). ``can_checkpoint``: whether the
+    extractor can recompute its blocks (the eager one can; a TorchScript one cannot)."""
+    plan = _machine(settings)
+    if out_hw is None:
+        return plan
+    if settings.checkpointing == "on" and not can_checkpoint:
+        raise InputError("--checkpointing on needs the eager extractor; a TorchScript extractor cannot recompute blocks")
+    taps, network = settings.taps(), settings.network
+    mem = estimate_memory(*out_hw, taps, network, plan.act_bytes, settings.pool, plan.device, settings.checkpointing,
+                          settings.memory_limit, can_checkpoint, style_hws, tile=settings.tile)
+    if world > 1:
+        # Across ranks every step is tiled, into at least one tile per rank.
+        tile = mem.tile or rank_tile(out_hw, world, taps, network)
+        mem = dataclasses.replace(mem, tile=tile, checkpoint=False, tiled_bytes=estimate_tiled_bytes(
+            *out_hw, tile, taps, network, plan.act_bytes, settings.pool))
+    elif mem.tile and len(tiles_for(out_hw, mem.tile, taps, network)) == 1:
+        mem = dataclasses.replace(mem, tile=None)  # one tile is the plain step with a second forward: run plain
+    if mem.tile:
+        # A tiled step loops over crops of several shapes in Python: no CUDA graph, no compile.
+        plan = dataclasses.replace(plan, cuda_graph=False, compile=False)
+    return dataclasses.replace(plan, memory=mem, world=world)

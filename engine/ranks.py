@@ -6,12 +6,15 @@ budget and its clock, the loop, the optimiser, the progress report, the state fi
 the output. The other ranks (*workers*, engine/worker.py) hold the network and the
 targets and compute their share of the tiles (every ``world``-th tile) when the lead asks:
 
-    lead:    PREPARE (settings of the scale) -> targets, tiled, each rank its share, summed
-    per evaluation of the objective:
-    lead:    EVAL (with or without gradient), broadcast x        (1, 3, H, W) float32
+    lead:    Prepare (the scale's settings and plan) -> targets, tiled, each rank its share, summed
+    per evaluation of the objective (engine/tiles.py SharedTiles):
+    lead:    Evaluate (with or without gradient), broadcast x    (1, 3, H, W) float32
     all:     pass 1 over own tiles -> all-reduce Gram and content sums
     all:     pass 2 over own tiles -> image gradient, reduced to the lead
-    lead:    TV, the optimiser step, the clock; STOP at the end
+    lead:    TV, the optimiser step, the clock; Stop at the end
+
+The messages are typed values (``Prepare``, ``Evaluate``, ``Stop``): ``Ranks.send`` on the
+lead, ``Ranks.receive`` on a worker.
 
 So every decision that reads a clock (time budget, time limit, adaptive plan) is taken
 once, on the lead: ranks cannot disagree on when to stop. The alternative, each rank
@@ -22,9 +25,9 @@ minutes for a tiled step there (bench/results/tiles-cpu-*.md).
 
 Failure: every collective runs under the process group's timeout (``--rank-timeout``); a
 lost rank raises ``RankLostError`` on the others (gloo: at once, on the closed connection;
-NCCL: at the timeout, with TORCH_NCCL_BLOCKING_WAIT set here; not tested on GPUs), so the
-lead stops with the best image so far (written, and the error says so) and a worker ends
-with one line on stderr. Workers ignore stop signals (they leave on STOP or a lost lead);
+NCCL: at the timeout, with TORCH_NCCL_BLOCKING_WAIT set here; not tested on GPUs). On the
+lead the loop (engine/loop.py) is the one place that handles it: the render stops with the
+best image so far (stats.stopped "rank-lost"); a worker ends with one line on stderr. Workers ignore stop signals (they leave on STOP or a lost lead);
 the lead holds them through each exchange, so that no rank is left inside a collective.
 """
 
@@ -41,7 +44,32 @@ import torch.distributed as dist
 
 from .errors import InputError, NSTError, RankLostError
 
-STOP, PREPARE, EVAL = 0, 1, 2
+
+@dataclass(frozen=True)
+class Stop:
+    """The render is done: the workers leave."""
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """Build the objective of a scale (engine/session.py build_objective), every rank with
+    its share of the targets' tiles."""
+
+    settings: object  # the scale's StylizeSettings
+    plan: object  # its StepPlan (engine/plan.py), decided by the lead
+    out_hw: tuple[int, int]
+    style_hws: tuple
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    """Evaluate the objective at the image the lead broadcasts next."""
+
+    with_grad: bool
+    hw: tuple[int, int]
+
+
+_KINDS = (Stop, Prepare, Evaluate)  # a message's kind travels as its index here
 
 
 def launched_ranks() -> int:
@@ -67,18 +95,19 @@ class Ranks:
     rank: int
     world: int
     device: torch.device  # where collective tensors live: cuda for NCCL, cpu for gloo
-    stopped: bool = False  # the lead has sent STOP
+    stopped: bool = False  # the lead has sent Stop
+    lost: bool = False  # a collective failed: another rank is gone (nothing more is sent)
 
     @property
     def lead(self) -> bool:
         return self.rank == 0
 
-    def finish(self) -> None:
+    def stop_workers(self) -> None:
         """The lead tells the workers to stop (once; as soon as the render is done, so that
         they do not wait through the writing of the image)."""
-        if self.lead and not self.stopped:
+        if self.lead and not self.stopped and not self.lost:
             self.stopped = True
-            self.command(STOP)
+            self.send(Stop())
 
     def mine(self, items: list) -> list:
         """This rank's share: every world-th item. Border tiles are smaller than inner ones;
@@ -89,6 +118,7 @@ class Ranks:
         try:
             return fn(*args, **kwargs)
         except RuntimeError as e:  # gloo: "Connection closed by peer"; NCCL/gloo timeouts (DistBackendError)
+            self.lost = True
             who = "a worker rank" if self.lead else "the lead rank (0)"
             raise RankLostError(f"rank {self.rank} of {self.world}: {who} stopped answering ({_first_line(e)})") \
                 from None
@@ -97,19 +127,29 @@ class Ranks:
         """Wait for every rank (a barrier)."""
         self._call(dist.barrier)
 
-    def command(self, cmd: int, *args: int) -> tuple[int, ...]:
-        """The lead sends a command with up to 3 integers; a worker receives one."""
+    def send(self, msg) -> None:
+        """The lead sends a message (Stop, Prepare or Evaluate) to every worker."""
+        self._exchange(msg)
+
+    def receive(self):
+        """A worker's next message from the lead."""
+        return self._exchange(None)
+
+    def _exchange(self, msg):
+        # A head of four integers (kind, with_grad, H, W) for every message; a Prepare's
+        # settings follow as one pickled object.
         head = torch.zeros(4, dtype=torch.int64, device=self.device)
         if self.lead:
-            head.copy_(torch.tensor([cmd, *args] + [0] * (3 - len(args)), dtype=torch.int64))
+            kind = _KINDS.index(type(msg))
+            grad, (h, w) = (int(msg.with_grad), msg.hw) if isinstance(msg, Evaluate) else (0, (0, 0))
+            head.copy_(torch.tensor([kind, grad, h, w], dtype=torch.int64))
         self._call(dist.broadcast, head, 0)
-        return tuple(int(v) for v in head.tolist())
-
-    def objects(self, objs: list | None = None, n: int = 0) -> list:
-        """Small picklable objects from the lead (``objs``) to every rank (``n`` of them)."""
-        box = list(objs) if self.lead else [None] * n
-        self._call(dist.broadcast_object_list, box, 0, device=self.device if self.device.type == "cuda" else None)
-        return box
+        kind, grad, h, w = (int(v) for v in head.tolist())
+        if _KINDS[kind] is Prepare:
+            box = [msg]
+            self._call(dist.broadcast_object_list, box, 0, device=self.device if self.device.type == "cuda" else None)
+            return box[0]
+        return Evaluate(bool(grad), (h, w)) if _KINDS[kind] is Evaluate else Stop()
 
     def share_image(self, x: torch.Tensor | None, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
         """The lead's image (1, 3, H, W) float32, on every rank."""
@@ -141,13 +181,22 @@ class Ranks:
         return t
 
 
+_CURRENT: list = []  # the one Ranks of this process's group: its stopped/lost flags are the process's
+
+
 def current() -> Ranks | None:
-    """The ranks of the default process group, or None without one."""
+    """The ranks of the default process group (one object per group, shared by everything
+    in the process), or None without one."""
     if not (dist.is_available() and dist.is_initialized()):
+        _CURRENT.clear()
         return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if _CURRENT and (_CURRENT[0].rank, _CURRENT[0].world) == (rank, world):
+        return _CURRENT[0]
     backend = dist.get_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    return Ranks(dist.get_rank(), dist.get_world_size(), device)
+    _CURRENT[:] = [Ranks(rank, world, device)]
+    return _CURRENT[0]
 
 
 def for_settings(settings) -> Ranks | None:
@@ -192,17 +241,20 @@ def joined(device_type: str, timeout_s: float):
     ranks = current()
     try:
         yield ranks
-    except RankLostError:
-        raise  # with a rank lost, tearing the group down could wait on it: the process exits instead
     except BaseException:
         # An error or a signal here: the workers are told to stop; no rank waits for another.
-        with contextlib.suppress(RankLostError):
-            ranks.finish()
-        dist.destroy_process_group()
+        # With a rank lost nothing more is sent, and tearing the group down could wait on
+        # it: the process exits instead.
+        if not ranks.lost:
+            with contextlib.suppress(RankLostError):
+                ranks.stop_workers()
+            dist.destroy_process_group()
+        _CURRENT.clear()
         raise
     # Done: every rank leaves the group together (a rank tearing down its connections while
     # another still uses them can abort that one, seen with gloo on torch 2.11).
     with contextlib.suppress(RankLostError):
-        ranks.finish()
+        ranks.stop_workers()
         ranks.together()
     dist.destroy_process_group()
+    _CURRENT.clear()

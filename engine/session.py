@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -22,16 +21,16 @@ from .device import float32_math, same_device
 from .errors import InputError
 from .imageio import resize_to
 from .loader import extractor_for
-from .memory import MemoryPlan, estimate_tiled_bytes, plan_memory
-from .objective import Objective
-from .plan import Plan, resolve_plan
-from .settings import StylizeSettings
+from .memory import MemoryEstimate
+from .objective import Objective, Problem, WholeImage
+from .plan import StepPlan, resolve_plan
+from .ranks import Prepare, for_settings
+from .settings import INIT_KEYWORDS, StylizeSettings
 from .signals import deferred
 from .sizes import fit_long_edge, wxh
 from .steppers import Stepper, make_stepper
 from .targets import Targets, compute_targets
-from .ranks import PREPARE, for_settings
-from .tiles import TiledObjective, rank_tile, tiles_for
+from .tiles import SharedTiles, Tiles
 
 log = logging.getLogger("nst")
 
@@ -43,15 +42,18 @@ class Prepared:
     """Everything a loop needs, built once per size."""
 
     settings: StylizeSettings
-    plan: Plan
+    plan: StepPlan  # how the steps run, decided once (engine/plan.py)
     stepper: Stepper  # .step() -> (4,) losses of the image it evaluated
-    objective: Objective  # or a TiledObjective (engine/tiles.py), with the same call contract
+    objective: Objective  # the protocol of engine/objective.py: whole image, tiles, or tiles across ranks
     x: torch.Tensor  # (1, 3, H, W) float32, the optimised image
     targets: Targets
     content_img: torch.Tensor  # (1, 3, H, W) on the device
     out_hw: tuple[int, int]
     weights_info: dict
-    memory: MemoryPlan
+
+    @property
+    def memory(self) -> MemoryEstimate:
+        return self.plan.memory
 
 
 def place_network(net, device: torch.device, channels_last: bool, checkpoint: bool = False, owned: bool = False):
@@ -65,8 +67,6 @@ def place_network(net, device: torch.device, channels_last: bool, checkpoint: bo
     """
     if hasattr(net, "placed"):
         return net.placed(device, channels_last, checkpoint, owned=owned)
-    if checkpoint:
-        raise InputError("activation checkpointing needs the engine's own extractor (--checkpointing off)")
     param = next(iter(net.parameters()), None) if hasattr(net, "parameters") else None
     if param is None or same_device(param.device, device):
         return net
@@ -86,7 +86,7 @@ def init_image(init: str | torch.Tensor, content: torch.Tensor, styles, seed: in
         return torch.rand(1, 3, *hw, generator=gen).to(content.device)
     if init == "style":
         return resize_to(styles[0][0], hw).clone()
-    raise InputError(f"unknown --init {init!r}: use content, noise, style, or an image file")
+    raise InputError(f"unknown --init {init!r}: use {', '.join(INIT_KEYWORDS)}, or an image file")
 
 
 def _warn_random(weights_info: dict) -> None:
@@ -115,8 +115,8 @@ def _sizes(content, styles, settings: StylizeSettings, min_side: int) -> tuple:
     return out_hw, style_hws
 
 
-def build_objective(extractor, content, styles, settings: StylizeSettings, plan: Plan, out_hw, style_hws,
-                    mem: MemoryPlan, ours: bool = False, ranks=None):
+def build_objective(extractor, content, styles, settings: StylizeSettings, plan: StepPlan, out_hw, style_hws,
+                    ours: bool = False, ranks=None):
     """The inputs at this size, the targets (once, float32, NCHW, whatever the loop runs in)
     and the objective on the loop's own network: (objective, targets, content (1, 3, H, W),
     [(style (1, 3, h, w), weight)]). Every rank makes this call (engine/worker.py)."""
@@ -128,59 +128,46 @@ def build_objective(extractor, content, styles, settings: StylizeSettings, plan:
     content_layers, style_layers = settings.layer_weights()
     with float32_math(plan.float32_math):
         targets = compute_targets(ref_net, content_img, style_imgs, content_layers, style_layers, settings.gram_norm,
-                                  settings.content_norm, tile=mem.tile, network=settings.network, ranks=ranks)
-    net = place_network(ref_net, device, plan.channels_last, mem.checkpoint, owned=ours or ref_net is not extractor)
-    objective = Objective(net, targets, settings, plan)
-    if mem.tile:
-        scale = settings.loss_scale if plan.precision == "fp16" else None
-        objective = TiledObjective(objective, mem.tile, settings.network, scale, ranks)
+                                  settings.content_norm, tile=plan.tile, network=settings.network, ranks=ranks)
+    net = place_network(ref_net, device, plan.channels_last, plan.checkpoint, owned=ours or ref_net is not extractor)
+    problem = Problem.build(net, targets, settings, plan)
+    loss_scale = settings.loss_scale if plan.precision == "fp16" else None
+    if plan.tile is None:
+        objective = WholeImage(problem, plan.compile, loss_scale)
+    elif ranks is None:
+        objective = Tiles(problem, plan.tile, settings.network, loss_scale)
+    else:
+        objective = SharedTiles(problem, plan.tile, settings.network, loss_scale, ranks)
     return objective, targets, content_img, style_imgs
 
 
 def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], settings: StylizeSettings,
             extractor=None, init: str | torch.Tensor | None = None) -> Prepared:
-    """Resolve the plan, place the network, compute the targets once, build the stepper.
+    """Decide the plan, place the network, compute the targets once, build the stepper.
 
     content: (3, H, W) and styles [((3, h, w), weight)], values in [0, 1], on any device.
     """
-    plan = resolve_plan(settings)
+    resolve_plan(settings)  # the machine's part, refused (a missing GPU...) before any weights are read
     ours = extractor is None  # loaded here: ours to convert in place
     if ours:
         extractor = extractor_for(settings)
     weights_info = getattr(extractor, "weights_info", {}) or {}
     _warn_random(weights_info)
     out_hw, style_hws = _sizes(content, styles, settings, extractor.min_side)
-
-    # The memory plan, before anything large is allocated (or resized): plain,
-    # checkpointed, or refused.
-    can_ckpt = getattr(extractor, "can_checkpoint", False)
-    if settings.checkpointing == "on" and not can_ckpt:
-        raise InputError("--checkpointing on needs the eager extractor; a TorchScript extractor cannot recompute blocks")
-    mem = plan_memory(*out_hw, settings.taps(), settings.network, plan.act_bytes, settings.pool, plan.device,
-                      settings.checkpointing, settings.memory_limit, can_ckpt, style_hws, tile=settings.tile)
     ranks = for_settings(settings)
-    if ranks is not None:
-        # Across ranks every step is tiled, into at least one tile per rank.
-        if not mem.tile:
-            mem.tile = rank_tile(out_hw, ranks.world, settings.taps(), settings.network)
-            mem.tiled_bytes = estimate_tiled_bytes(*out_hw, mem.tile, settings.taps(), settings.network,
-                                                   plan.act_bytes, settings.pool)
-        mem.checkpoint = False
-    elif mem.tile and len(tiles_for(out_hw, mem.tile, settings.taps(), settings.network)) == 1:
-        mem.tile = None  # one tile would be the plain step with a second forward: run plain
-    log.debug("%s", mem.describe())
-    if mem.checkpoint or mem.tile:
-        log.info("%s", mem.describe())
-    if mem.tile and (plan.cuda_graph or plan.compile):
-        plan = dataclasses.replace(plan, cuda_graph=False, compile=False)  # a tiled step is a Python loop
+    # Every decision about how the steps run, before anything large is allocated (or resized).
+    plan = resolve_plan(settings, out_hw, style_hws, getattr(extractor, "can_checkpoint", False),
+                        ranks.world if ranks is not None else 1)
+    log.debug("%s", plan.memory.describe())
+    if plan.checkpoint or plan.tile:
+        log.info("%s", plan.memory.describe())
     # Across ranks the workers build the same objective (engine/worker.py); a stop signal
     # waits until every rank has left the targets' collectives.
     with (deferred() if ranks is not None else contextlib.nullcontext()):
         if ranks is not None:
-            ranks.command(PREPARE)
-            ranks.objects([settings, plan, out_hw, style_hws, mem])
+            ranks.send(Prepare(settings, plan, out_hw, tuple(style_hws)))
         objective, targets, content_img, style_imgs = build_objective(
-            extractor, content, styles, settings, plan, out_hw, style_hws, mem, ours, ranks)
+            extractor, content, styles, settings, plan, out_hw, style_hws, ours, ranks)
     x = init_image(init if init is not None else settings.init, content_img, style_imgs, settings.seed)
     if plan.channels_last and settings.optimizer == "adam":
         # (L-BFGS flattens its parameters with .view(-1), so its image stays NCHW; the
@@ -188,4 +175,4 @@ def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], set
         x = x.contiguous(memory_format=torch.channels_last)
     x = x.detach().requires_grad_(True)  # (1, 3, H, W) float32, the only thing optimised
     stepper = make_stepper(objective, x, settings, plan)
-    return Prepared(settings, plan, stepper, objective, x, targets, content_img, out_hw, weights_info, mem)
+    return Prepared(settings, plan, stepper, objective, x, targets, content_img, out_hw, weights_info)

@@ -39,6 +39,7 @@ MOVE_ON_RHO = 0.015  # the adaptive plan's rho (engine/adaptive.py); tuned in be
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes
 MAX_AUTO_SCALES = 24  # --scales auto: more means a scale factor or start that cannot be meant
 MAX_LOSS_WEIGHT = 1e30  # a weight times a loss must stay far below float32's 3.4e38
+INIT_KEYWORDS = ("content", "noise", "style")  # --init; anything else names an image file
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, **meta: Any) -> Any:
@@ -207,14 +208,13 @@ class StylizeSettings:
         if self.extractor is not None and self.weights != "imagenet":
             raise InputError("--extractor and --weights both choose the network (an export carries its own weights): "
                              "give one of them")
-        if self.tile is not None and self.compile:
-            raise InputError("--compile does not apply to tiled steps (--tile): each crop has its own shape")
-        if self.tile is not None and self.checkpointing == "on":
-            raise InputError("--tile and --checkpointing on are two ways to save memory: choose one")
-        if self.distributed and self.compile:
-            raise InputError("--distributed runs tiled steps; --compile does not apply to them")
-        if self.distributed and self.checkpointing == "on":
-            raise InputError("--distributed runs tiled steps; they cannot be combined with --checkpointing on")
+        # Tiled steps (--tile, and every step across ranks) loop over crops of several
+        # shapes: nothing to compile, and tiles are the other way to save memory.
+        tiled = "--tile" if self.tile is not None else ("--distributed (tiled steps)" if self.distributed else None)
+        if tiled and self.compile:
+            raise InputError(f"--compile does not apply to {tiled}: each crop has its own shape")
+        if tiled and self.checkpointing == "on":
+            raise InputError(f"{tiled} and --checkpointing on are two ways to save memory: choose one")
         if self.reference and self.compile:
             raise InputError("--reference runs the plain eager loop; it cannot be combined with --compile")
         if self.reference and self.memory_format == "channels_last":
@@ -224,6 +224,17 @@ class StylizeSettings:
         """(content layers, style layers), each ((name, weight), ...) in depth order."""
         return (parse_layer_weights(self.content_layers, self.network),
                 parse_layer_weights(self.style_layers, self.network))
+
+    def check_resumable(self) -> None:
+        """A render with these settings can keep and resume a state (--state, --resume,
+        engine/state.py): one of fixed steps."""
+        if self.time_budget is not None:
+            raise InputError("--state and --resume keep a render of fixed steps; a --time-budget render's schedule "
+                             "is its budget's and cannot be resumed")
+
+    def min_side(self) -> int:
+        """The smallest image side (px) the network's deepest tap takes."""
+        return min_side(self.taps(), self.network)
 
     def taps(self) -> tuple[str, ...]:
         """Every layer the losses read: the content layers first, then the style layers."""
@@ -271,7 +282,7 @@ class StylizeSettings:
         if not spec:
             return [size]
         if spec == "auto":
-            floor = min_side(self.taps(), self.network)
+            floor = self.min_side()
             if self.scale_start < floor:
                 raise InputError(f"--scale-start {self.scale_start} is below the network's smallest input side "
                                  f"({floor} px for these layers)")

@@ -36,7 +36,7 @@ RUN_FIELDS = frozenset({
 
 @dataclass
 class RenderState:
-    scale: int  # index of the scale (0 for a single-scale render)
+    scale_index: int  # which scale (0 for a single-scale render)
     step: int  # steps done at that scale
     before: int  # steps of the earlier scales
     image: torch.Tensor  # (1, 3, H, W) float32, after ``step`` steps
@@ -66,7 +66,7 @@ def fingerprint(settings, content: torch.Tensor, styles) -> dict:
 
 def save_state(path: str | Path, state: RenderState) -> None:
     """Write atomically: an interrupted write leaves the previous state file whole."""
-    payload = {"format": FORMAT, "scale": state.scale, "step": state.step, "before": state.before,
+    payload = {"format": FORMAT, "scale": state.scale_index, "step": state.step, "before": state.before,
                "image": state.image.detach().float().cpu().contiguous(), "optimizer": state.optimizer,
                "fingerprint": state.fingerprint}
     with atomic_path(path, label="--state") as tmp:

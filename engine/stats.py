@@ -48,3 +48,8 @@ class RunStats:
 class Result:
     image: torch.Tensor  # (3, H, W) float32 on the CPU, in [0, 1]
     stats: RunStats
+    # What the render says about itself (engine/summary.py), set by the Python API: the
+    # schedule of a budget or of several scales, planned against actual, and a diagnosis
+    # of a render that never improved (None when it did).
+    report: list[str] = field(default_factory=list)
+    diagnosis: str | None = None

@@ -6,8 +6,11 @@
   shapes, buffers allocated once per size);
 - ``LBFGSStep``: one L-BFGS iteration per call, its history carried between calls.
 
-``make_stepper`` picks one for a plan. Every step returns the (4,) losses of the image it
-evaluated, as a device tensor: reading it is the caller's host sync, not the stepper's.
+``make_stepper`` picks one for a plan. Each takes an objective through its protocol
+(engine/objective.py: ``losses_and_grad``) and reads nothing else of it, so the whole-image,
+tiled, ranked and ONNX Runtime objectives all step alike. Every step returns the (4,)
+losses of the image it evaluated, as a device tensor: reading it is the caller's host
+sync, not the stepper's.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from .device import float32_math
 from .errors import InputError
 from .objective import Objective
-from .plan import Plan
+from .plan import StepPlan
 from .settings import StylizeSettings
 
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN autotune, Adam state)
@@ -50,8 +53,7 @@ class AdamStep:
     warmup_steps = 1
     capture_s = 0.0
 
-    def __init__(self, objective: Objective, x: torch.Tensor, lr: float, plan: Plan, loss_scale: float | None,
-                 scheduled: bool = False):
+    def __init__(self, objective: Objective, x: torch.Tensor, lr: float, plan: StepPlan, scheduled: bool = False):
         self.objective, self.x = objective, x
         if plan.path == "reference":
             kw = {"foreach": False}
@@ -64,7 +66,6 @@ class AdamStep:
             # set_lr refills between replays (fused, capturable Adam accepts one).
             lr = torch.tensor(lr, dtype=torch.float32, device=x.device)
         self.opt = torch.optim.Adam([x], lr=lr, **kw)
-        self.scale = loss_scale
 
     def set_lr(self, lr: float) -> None:
         group = self.opt.param_groups[0]
@@ -90,15 +91,11 @@ class AdamStep:
                     st[k] = torch.empty_like(self.x).copy_(st[k])
 
     def _body(self) -> torch.Tensor:
-        parts = self.objective(self.x)
-        loss = parts[0] * self.scale if self.scale else parts[0]
-        loss.backward()
-        if self.scale:
-            self.x.grad.mul_(1.0 / self.scale)  # unscale before the update
+        parts = self.objective.losses_and_grad(self.x)  # x.grad: d total / dx
         self.opt.step()
         with torch.no_grad():
             self.x.clamp_(0.0, 1.0)
-        return parts.detach()
+        return parts
 
     def step(self) -> torch.Tensor:
         with float32_math(self.objective.math):
@@ -138,7 +135,6 @@ class GraphAdamStep(AdamStep):
             return parts
         if self.graph is None:
             t0 = time.perf_counter()
-            self.objective.cache = False
             self.opt.zero_grad(set_to_none=True)  # grads get allocated from the graph's pool
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
@@ -189,15 +185,14 @@ class LBFGSStep:
 
         def closure():
             self.opt.zero_grad(set_to_none=True)
-            parts = self.objective(self.x)
             if self.inv_scale is None:
-                l0 = abs(float(parts[0].detach()))  # host sync: once, at the first evaluation
+                # The loss unit, from the first image: one evaluation without a gradient, once.
+                l0 = abs(float(self.objective.losses(self.x.detach())[0]))  # host sync: once per render
                 self.inv_scale = 1.0 / l0 if math.isfinite(l0) and l0 > 0 else 1.0
-            loss = parts[0] * self.inv_scale
-            loss.backward()
+            parts = self.objective.losses_and_grad(self.x, self.inv_scale)  # x.grad: d (loss / loss_0) / dx
             if not first:
-                first.append(parts.detach())
-            return loss
+                first.append(parts)
+            return parts[0] * self.inv_scale
 
         with float32_math(self.objective.math):
             self.opt.step(closure)
@@ -206,11 +201,10 @@ class LBFGSStep:
         return first[0]
 
 
-def make_stepper(objective: Objective, x: torch.Tensor, settings: StylizeSettings, plan: Plan) -> Stepper:
+def make_stepper(objective: Objective, x: torch.Tensor, settings: StylizeSettings, plan: StepPlan) -> Stepper:
     """The stepper for ``settings.optimizer`` on this plan, optimising ``x`` in place."""
     if settings.optimizer == "lbfgs":
         return LBFGSStep(objective, x, settings.learning_rate, settings.lbfgs_history)
-    scale = settings.loss_scale if plan.precision == "fp16" else None
     scheduled = settings.lr_schedule != "constant"
     cls = GraphAdamStep if plan.cuda_graph else AdamStep
-    return cls(objective, x, settings.learning_rate, plan, scale, scheduled)
+    return cls(objective, x, settings.learning_rate, plan, scheduled)

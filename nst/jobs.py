@@ -55,9 +55,8 @@ class StylizeJob:
             raise InputError("--save-every and --gif-every must be >= 0")
         if self.resume and not self.state:
             raise InputError("--resume needs --state FILE: the state file to continue from")
-        if self.state and self.settings.time_budget is not None:
-            raise InputError("--state keeps a render of fixed steps resumable; a --time-budget render's plan is its "
-                             "budget's and cannot be resumed")
+        if self.state:
+            self.settings.check_resumable()
 
 
 @dataclass(frozen=True, kw_only=True)

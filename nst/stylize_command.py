@@ -13,19 +13,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from nst.engine.budget import budget_margin
-from nst.engine.errors import NonFiniteLossError, NSTError, RankLostError
+from nst.engine.errors import NSTError, RankLostError, RenderFailed
 from nst.engine.plan import resolve_plan
 from nst.engine.ranks import joined, launched_ranks
 from nst.engine.fsutil import OutputError, atomic_write_text, write_target
 from nst.engine.imageio import (GIF_LONG_EDGE, check_gif_path, check_output_path, gif_frame,
                                 predict_save_s, save_gif, save_image)
 from nst.engine.loop import StepInfo, chain
-from nst.engine.multiscale import adaptive_plan, render
+from nst.engine.multiscale import render
 from nst.engine.progress import progress_bar
 from nst.engine.signals import STOP_SIGNALS, deferred, stop_signal
 from nst.engine.sizes import fit_long_edge
 from nst.engine.state import RenderState, fingerprint, load_state, save_state
+from nst.engine.summary import diagnose, outcome_lines, schedule_lines
 
 from .inputs import load_inputs
 from .jobs import StylizeJob
@@ -73,7 +73,7 @@ class StateKeeper:
     def __call__(self, info: StepInfo) -> None:
         if info.losses is None or info.optimizer_state is None:
             return
-        state = RenderState(info.scale, info.step, info.before, info.x.detach().cpu(),  # host sync: progress interval
+        state = RenderState(info.scale_index, info.step, info.before, info.x.detach().cpu(),  # host sync: progress interval
                             info.optimizer_state(), self.print)
         try:
             with deferred():  # a stop signal waits for the file: the previous state stays whole until it is
@@ -83,28 +83,6 @@ class StateKeeper:
                 print(f"nst: warning: {e}; the render goes on (the previous state file, if any, is whole)",
                       file=sys.stderr)
             self.failed = True
-
-
-def show_plan(settings, finish_s: float):
-    def show(plans):
-        if settings.time_budget is None:
-            print("scales: " + ", ".join(f"{sc.wxh} ({sc.steps} steps)" for sc in plans))
-            return
-        if len(settings.scale_sizes()) == 1:
-            how = "one scale"
-        elif not adaptive_plan(settings):
-            how = "equal split" + (" (an --lr-schedule keeps its step count)" if settings.budget_plan == "adaptive"
-                                   else "")
-        elif len(plans) > 1:
-            how = "adaptive: a coarse scale may move on sooner, and its time goes to the finer ones"
-        else:
-            how = "adaptive: the coarser scales were dropped (not 1.5x cheaper per step, or not affordable)"
-        print(f"plan for a {settings.time_budget:g} s budget (calibrated; {finish_s:.1f} s kept for writing the image, "
-              f"{budget_margin(settings.time_budget):.1f} s spare for timing noise; {how}):")
-        for i, sc in enumerate(plans, 1):
-            print(f"  scale {i}: {sc.wxh}  {sc.step_s * 1e3:8.1f} ms/step  {sc.steps:5d} steps  "
-                  f"{sc.planned_s:6.1f} s planned (setup and warm-up {sc.cost.setup_s + sc.cost.warmup_s:.1f} s)")
-    return show
 
 
 def save_final(image, out: Path) -> None:
@@ -122,32 +100,10 @@ def save_final(image, out: Path) -> None:
             raise NSTError(f"{e}; the rendered image was written to {rescue} instead") from None
 
 
-def check_progress(result, settings, out: Path, recipe: str | None) -> None:
-    """A single-scale render whose loss never went below its first value has diverged (the
-    image written is the start image): say so, with the likely cause, and fail."""
-    st = result.stats
-    if st.scales or st.stopped is not None or st.steps_run < 2 or st.image_from_step > 0:
-        return
-    cause = f"the learning rate ({settings.learning_rate:g} in [0, 1] pixel units) is likely too high"
-    if recipe is not None:
-        from nst.engine import recipes
-
-        own = recipes.get(recipe).values.get("optimizer", "adam")
-        if own != settings.optimizer:
-            cause += (f"; --recipe {recipe} sets --lr for its own optimizer ({own}): with --optimizer "
-                      f"{settings.optimizer} pass an --lr for it")
-    raise NSTError(f"the loss never went below its first value ({st.loss[0]:.4g}) in {st.steps_run} steps, so the "
-                   f"image written to {out} is the start image; {cause}")
-
-
 def _report(result, settings, out: Path, t_start: float) -> int:
     st = result.stats
-    if st.scales and settings.time_budget is not None:
-        total = time.perf_counter() - t_start
-        print(f"planned against actual ({total:.1f} s of a {settings.time_budget:g} s budget, image written):")
-        for i, sc in enumerate(st.scales, 1):
-            print(f"  scale {i}: {sc['hw'][1]}x{sc['hw'][0]}  planned {sc['steps_planned']} steps / "
-                  f"{sc['planned_s']:.1f} s, ran {sc['steps_run']} steps / {sc['actual_s']:.1f} s; ended: {sc['why']}")
+    for line in outcome_lines(st, settings, time.perf_counter() - t_start):
+        print(line)
     h, w = st.size
     random = "; seeded random weights, NOT a trained network" if st.weights.startswith("random") else ""
     loss = f"loss {st.loss[0]:.4g} -> {st.final_loss:.4g}" if st.loss else f"loss {st.final_loss:.4g}"
@@ -219,26 +175,34 @@ def _stylize(job: StylizeJob, quiet: bool, t_start: float, recipe: str | None, r
     gif_hw = fit_long_edge(final_hw, min(GIF_LONG_EDGE, max(final_hw))) if job.gif else None
     keeper = Keeper(out, job.save_every, gif_hw, job.gif_every or max(1, settings.steps // 50))
     # A budget ends with the image written: plan the writing too.
-    finish_s = predict_save_s(content, final_hw, out) if settings.time_budget is not None else 0.0
+    write_s = predict_save_s(content, final_hw, out) if settings.time_budget is not None else 0.0
     try:
         with progress_bar(not quiet) as bar:
             result = render(content, styles, settings, init=init, callback=chain(bar, keeper, saver),
-                            t_start=t_start, on_plan=show_plan(settings, finish_s), finish_s=finish_s, resume=resume)
-    except (NonFiniteLossError, RankLostError) as e:
-        if ranks is not None and isinstance(e, NonFiniteLossError):
-            ranks.finish()
+                            t_start=t_start, on_schedule=lambda sch: _print_lines(schedule_lines(sch, settings, write_s)),
+                            write_s=write_s, resume=resume)
+    except RenderFailed as e:  # the loss diverged or a rank was lost: its best image is still written
+        if ranks is not None:
+            ranks.stop_workers()
         if e.result is not None:
             save_final(e.result.image, out)
             where = f"wrote it to {out}" + (f"; --resume --state {job.state} continues" if job.state else "")
             raise type(e)(f"{e}; {where}") from None
         raise
     if ranks is not None:
-        ranks.finish()  # the workers are done: they need not wait while the image is written
+        ranks.stop_workers()  # the workers are done: they need not wait while the image is written
     save_final(result.image, out)
     if job.gif:
         print(keeper.write_gif(job.gif, result.image))
     if job.stats:
         atomic_write_text(job.stats, json.dumps(result.stats.to_dict(), indent=1) + "\n")
     code = _report(result, settings, out, t_start)
-    check_progress(result, settings, out, recipe)
+    diagnosis = diagnose(result.stats, settings, recipe, where=str(out))
+    if diagnosis:
+        raise NSTError(diagnosis)
     return code
+
+
+def _print_lines(lines: list[str]) -> None:
+    for line in lines:
+        print(line)

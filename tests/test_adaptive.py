@@ -15,7 +15,7 @@ from PIL import Image
 from nst.cli import main
 from nst.engine.adaptive import (FINAL_MIN_SHARE, MoveOnRule, coarse_limit, move_on_threshold, progress_interval,
                                  worth_running)
-from nst.engine.budget import ScaleCost, ScalePlan, allocate, budget_margin
+from nst.engine.budget import ScaleCost, ScaleSchedule, allocate, budget_margin
 from nst.engine.multiscale import _Pacer
 from nst.engine.settings import StylizeSettings
 
@@ -53,22 +53,22 @@ def test_rule_reads_the_best_loss_so_far_and_waits_for_three_points():
 
 
 def _plans(costs, seconds):
-    plans = [ScalePlan(s, (s, s), c) for s, c in zip((128, 256), costs)]
+    plans = [ScaleSchedule(s, (s, s), c) for s, c in zip((128, 256), costs)]
     allocate(plans, seconds)
     for sc in plans:
         sc.initial_steps, sc.initial_planned_s = sc.steps, sc.planned_s
     return plans
 
 
-def _replay(step_costs, rho, budget=60.0, finish_s=1.0, calibration_s=3.0):
+def _replay(step_costs, rho, budget=60.0, write_s=1.0, calibration_s=3.0):
     """Run the recorded curves through the pacer with a fake clock: each step costs its
     scale's calibrated time; the rule sees the loss at the progress intervals."""
     settings = StylizeSettings(size=256, scales="128", time_budget=budget, device="cpu", move_on=rho,
                                progress_every=25, budget_plan="adaptive")
     costs = [ScaleCost(0.4, 0.1, s) for s in step_costs]
-    end = budget - budget_margin(budget) - finish_s
+    end = budget - budget_margin(budget) - write_s
     plans = _plans(costs, end - calibration_s)
-    pacer = _Pacer(plans, settings, t_start=0.0, finish_s=finish_s)
+    pacer = _Pacer(plans, settings, t_start=0.0, write_s=write_s)
     clock, log = calibration_s, []
     content = torch.zeros(3, 256, 256)
     for k, (sc, curve) in enumerate(zip(plans, CURVES)):
@@ -130,10 +130,10 @@ def test_coarse_scale_keeps_the_final_scale_its_share():
 
 def test_scales_not_cheaper_than_the_next_are_dropped():
     """A launch-bound GPU: the two smallest scales cost about what the third does."""
-    plans = [ScalePlan(s, (s, s), ScaleCost(0.1, 0.1, t)) for s, t in ((128, 0.010), (181, 0.011), (256, 0.012),
+    plans = [ScaleSchedule(s, (s, s), ScaleCost(0.1, 0.1, t)) for s, t in ((128, 0.010), (181, 0.011), (256, 0.012),
                                                                          (362, 0.04), (512, 0.16))]
     assert [sc.size for sc in worth_running(plans)] == [256, 362, 512]
-    cpu = [ScalePlan(s, (s, s), ScaleCost(0.1, 0.1, t)) for s, t in ((128, 0.1), (256, 0.4), (512, 1.6))]
+    cpu = [ScaleSchedule(s, (s, s), ScaleCost(0.1, 0.1, t)) for s, t in ((128, 0.1), (256, 0.4), (512, 1.6))]
     assert worth_running(cpu) == cpu
     assert [sc.size for sc in worth_running(cpu[:1])] == [128]
 
@@ -183,9 +183,9 @@ def test_settings_that_cannot_be_meant_are_refused():
 
 
 def test_a_learning_rate_schedule_keeps_the_equal_split():
-    from nst.engine.multiscale import adaptive_plan
+    from nst.engine.multiscale import adaptive_budget
 
-    assert adaptive_plan(StylizeSettings(time_budget=10, budget_plan="adaptive"))
-    assert not adaptive_plan(StylizeSettings(time_budget=10, budget_plan="adaptive", lr_schedule="cosine"))
-    assert not adaptive_plan(StylizeSettings(time_budget=10))  # equal is the default
-    assert not adaptive_plan(StylizeSettings(budget_plan="adaptive"))
+    assert adaptive_budget(StylizeSettings(time_budget=10, budget_plan="adaptive"))
+    assert not adaptive_budget(StylizeSettings(time_budget=10, budget_plan="adaptive", lr_schedule="cosine"))
+    assert not adaptive_budget(StylizeSettings(time_budget=10))  # equal is the default
+    assert not adaptive_budget(StylizeSettings(budget_plan="adaptive"))

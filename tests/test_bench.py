@@ -256,7 +256,7 @@ def test_baseline_loops_optimise_the_engines_objective():
     content, style, x = (torch.rand(1, 3, 72, 56, generator=gen) for _ in range(3))
     settings = StylizeSettings(resize="56x72", weights="random:2", device="cpu", reference=True)
     prep = prepare(content[0], [(style[0], 1.0)], settings)
-    want = prep.objective(x)[0]
+    want = prep.objective.losses(x)[0]
     state = resolve_weights("random:2", "vgg19").state
     user = UserLoop(vgg19_cut(state, "cpu"), content, style)  # compiles only when stepped
     torch.testing.assert_close(user.loss(x), want, rtol=1e-4, atol=0)

@@ -10,8 +10,8 @@ import torch
 from nst.engine import StylizeSettings, build_extractor, load_export, stylize
 from nst.engine.device import float32_math
 from nst.engine.loop import run
-from nst.engine.objective import Objective
-from nst.engine.plan import Plan
+from nst.engine.objective import Problem, WholeImage
+from nst.engine.plan import StepPlan as Plan
 from nst.engine.session import prepare
 from nst.engine.steppers import AdamStep
 
@@ -61,10 +61,10 @@ def test_the_engine_uses_the_callers_module_when_nothing_changes():
     net = build_extractor(W)
     p = prepare(_img(40, 56, 1), [(_img(48, 48, 2), 1.0)],
                 StylizeSettings(size=64, steps=1, weights=W, device="cpu", reference=True), extractor=net)
-    assert p.objective.net is net
+    assert p.objective.problem.net is net
     p = prepare(_img(40, 56, 1), [(_img(48, 48, 2), 1.0)],
                 StylizeSettings(size=64, steps=1, weights=W, device="cpu"), extractor=net)
-    assert p.objective.net is not net and p.objective.net.channels_last and not net.channels_last
+    assert p.objective.problem.net is not net and p.objective.problem.net.channels_last and not net.channels_last
 
 
 def test_a_loaded_torchscript_extractor_is_left_as_it_was(export_dir):
@@ -102,7 +102,7 @@ def test_steps_run_under_the_plans_float32_math_and_restore_it():
     for precision, want in (("fp32", "ieee"), ("tf32", "tf32")):
         plan = Plan("cuda", precision, False, False, "reference")
         assert plan.float32_math == want
-        step = AdamStep(Objective(Probe(), targets, StylizeSettings(), plan), x, 0.01, plan, None)
+        step = AdamStep(WholeImage(Problem.build(Probe(), targets, StylizeSettings(), plan)), x, 0.01, plan)
         step.step()
         assert seen[-1] == (want, want) and seen_backward[-1] == (want, want)
         assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before

@@ -14,7 +14,7 @@ from PIL import Image
 from nst.engine import StylizeSettings, build_extractor
 from nst.cli import main
 from nst.engine.errors import InputError
-from nst.engine.memory import estimate_breakdown, estimate_tiled_bytes, plan_memory
+from nst.engine.memory import estimate_breakdown, estimate_tiled_bytes, estimate_memory
 from nst.engine.multiscale import render
 from nst.engine.layers import DEFAULT_TAPS
 
@@ -121,22 +121,22 @@ def test_memory_plan_chooses_checkpointing(net):
     ckpt = estimate_breakdown(1024, 1024, taps, checkpoint=True)
     assert ckpt["step"] < 0.8 * plain["step"]
     limit = (plain["resident"] + (plain["step"] + ckpt["step"]) / 2) / 0.9 / 2**30
-    m = plan_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "auto", limit)
+    m = estimate_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "auto", limit)
     assert m.checkpoint
-    m = plan_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "auto", 100.0)
+    m = estimate_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "auto", 100.0)
     assert not m.checkpoint
     # Without checkpointing, exact tiles take over (the largest tile that fits).
-    m = plan_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "off", limit)
+    m = estimate_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "off", limit)
     assert not m.checkpoint and m.tile in (512, 256) and m.bytes <= limit * 0.9 * 2**30
     # When even the checkpointed step does not fit, tiles; when nothing fits, a refusal.
     tiny = (estimate_tiled_bytes(1024, 1024, 256, taps) + 1) / 0.9 / 2**30
     assert tiny * 2**30 < ckpt["resident"] + ckpt["step"]
-    m = plan_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "auto", tiny)
+    m = estimate_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "auto", tiny)
     assert m.tile == 256 and "exact tiled steps, 256 px tiles" in m.describe()
     with pytest.raises(InputError, match="largest that fits is about"):
-        plan_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "auto", 0.1)
+        estimate_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "auto", 0.1)
     with pytest.raises(InputError, match="try a smaller --tile"):
-        plan_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "auto", tiny, tile=1024)
+        estimate_memory(1024, 1024, taps, "vgg19", 4, "max", "cpu", "auto", tiny, tile=1024)
     # And the engine runs checkpointed when the plan says so, with the same losses.
     args = (_smooth(48, 64, 1), [(_img(64, 64, 2), 1.0)])
     from nst.engine.loop import run
@@ -238,11 +238,11 @@ def test_budget_holds_from_process_start_with_the_image_written(tmp_path):
 def test_the_budget_plan_from_measured_costs():
     """The cost model's arithmetic: setup and warm-up once per scale, then steps; the
     coarsest scales go first when the time cannot pay every scale's setup and one step."""
-    from nst.engine.budget import ScaleCost, ScalePlan, affordable, allocate, replan
+    from nst.engine.budget import ScaleCost, ScaleSchedule, affordable, allocate, replan
 
     cost = ScaleCost(setup_s=1.0, warmup_s=0.5, step_s=0.25)
     assert cost.seconds(4) == 2.5 and cost.steps_within(2.5) == 4 and cost.steps_within(0.1) == 1
-    plans = [ScalePlan(s, (s, s), ScaleCost(0.5 * k, 0.1, 0.1 * k)) for k, s in enumerate((128, 256, 512), 1)]
+    plans = [ScaleSchedule(s, (s, s), ScaleCost(0.5 * k, 0.1, 0.1 * k)) for k, s in enumerate((128, 256, 512), 1)]
     allocate(plans, 20.0)
     assert plans[-1].planned_s >= 10.0 - plans[-1].cost.step_s  # half to the final scale, plus the rounding
     assert sum(sc.planned_s for sc in plans) <= 20.0

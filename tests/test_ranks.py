@@ -47,12 +47,11 @@ def _evaluate_on_ranks(rank: int, world: int, port: int, out: str) -> None:
     if rank == 0:
         p = prepare(content, [(style, 1.0)], settings)
         x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
-        parts = p.objective(x)
-        parts[0].backward()
-        torch.save({"parts": parts.detach(), "grad": x.grad, "tiles": len(p.objective.tiles((h, w)))}, out)
-        from nst.engine.ranks import STOP, current
+        parts = p.objective.losses_and_grad(x)
+        torch.save({"parts": parts, "grad": x.grad, "tiles": len(p.objective.tiles((h, w)))}, out)
+        from nst.engine.ranks import Stop, current
 
-        current().command(STOP)
+        current().send(Stop())
     else:
         serve(content, [(style, 1.0)], settings)
     dist.barrier()  # leave together (as engine/ranks.py's joined does)
@@ -74,10 +73,9 @@ def test_two_ranks_give_the_untiled_loss_and_gradient(tmp_path):
     ref = prepare(_img(h, w, 1), [(_img(w, h, 2), 1.0)],
                   StylizeSettings(resize=f"{w}x{h}", weights=W, device="cpu", style_weight=1e7, reference=True))
     x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
-    parts = ref.objective(x)
-    parts[0].backward()
+    parts = ref.objective.losses_and_grad(x)
     assert got["tiles"] >= 4  # the lead's share of 3 x 4 tiles: the worker computed the other half
-    torch.testing.assert_close(got["parts"], parts.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(got["parts"], parts, rtol=1e-5, atol=0)
     assert float((got["grad"] - x.grad).norm() / x.grad.norm()) < 1e-5
 
 

@@ -103,7 +103,7 @@ def test_interrupt_writes_best_image_and_says_so(images, monkeypatch, capsys):
 def test_nan_keeps_last_good_image_and_exits_1(images, monkeypatch, capsys):
     from nst.engine import objective as opt
 
-    real = opt.Objective.__call__
+    real = opt.WholeImage._evaluate
     calls = {"n": 0}
 
     def poisoned(self, x):
@@ -111,7 +111,7 @@ def test_nan_keeps_last_good_image_and_exits_1(images, monkeypatch, capsys):
         parts = real(self, x)
         return parts * float("nan") if calls["n"] > 3 else parts
 
-    monkeypatch.setattr(opt.Objective, "__call__", poisoned)
+    monkeypatch.setattr(opt.WholeImage, "_evaluate", poisoned)
     code = main(_args(images, "--steps", "20", "--progress-every", "2"))
     assert code == 1
     line = _one_error_line(capsys.readouterr().err)

@@ -10,7 +10,7 @@ from nst.engine.layers import layer_by_name, layers_upto, tile_halo
 from nst.engine.session import prepare
 from nst.engine.settings import StylizeSettings
 from nst.engine.targets import compute_targets
-from nst.engine.tiles import make_tiles
+from nst.engine.tiling import make_tiles
 
 W = "random:5"
 
@@ -60,9 +60,8 @@ def _value_and_grad(objective, x0, channels_last=False):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    parts = objective(x)
-    parts[0].backward()
-    return parts.detach(), x.grad
+    parts = objective.losses_and_grad(x)
+    return parts, x.grad
 
 
 def _rel(a, b):
@@ -168,4 +167,4 @@ def test_tile_settings_and_edge_cases():
     # One tile covering the image: the plain objective runs (a tiled step would only add a forward).
     one = prepare(_img(40, 48, 3), [(_img(40, 48, 4), 1.0)], StylizeSettings(resize="48x40", weights=W, device="cpu",
                                                                             tile=4096))
-    assert type(one.objective).__name__ == "Objective" and one.memory.tile is None
+    assert type(one.objective).__name__ == "WholeImage" and one.memory.tile is None
