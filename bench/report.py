@@ -77,6 +77,11 @@ def _size_section(size: str, entry: dict) -> list[str]:
     if capt:
         lines += ["", "CUDA graph capture (not in the timings): " +
                   ", ".join(f"{r['label']} {r['capture_s'] * 1e3:.0f} ms" for r in capt)]
+    ort = next((r for r in entry["rows"] if r["key"] == "onnxruntime" and r.get("speedup_vs_engine")), None)
+    if ort:
+        lines += ["", f"The step in ONNX Runtime: {ort['ms_per_step']:.1f} ms against the engine defaults' "
+                  f"{ort['ms_per_step'] * ort['speedup_vs_engine']:.1f} ms ({ort['speedup_vs_engine']:.2f}x the "
+                  "engine's steps/s)."]
     o = entry.get("onnx_targets")
     if o and "error" not in o:
         lines += ["", f"Targets (one forward at content size + one at style size): eager PyTorch on "

@@ -41,6 +41,7 @@ class Row:
     needs_cuda: bool = False
     torchscript: bool = False
     compile_mode: str | None = None  # the compiled user loop's torch.compile mode
+    onnx_step: bool = False  # the export's step graphs in ONNX Runtime (--runtime onnxruntime; CPU)
 
 
 ROWS = [
@@ -67,6 +68,9 @@ ROWS = [
     Row("torchscript", "engine defaults on the exported TorchScript", "same as 'engine defaults', network from "
         "extractor.ts", "engine", {}, torchscript=True),
     Row("engine", "engine defaults", "what `nst stylize` runs on this device", "engine", {}),
+    Row("onnxruntime", "the step in ONNX Runtime (step.onnx)", "the exported step graphs (a hand-written adjoint, no "
+        "autograd) in ONNX Runtime's CPU provider: --runtime onnxruntime", "engine", {"runtime": "onnxruntime"},
+        onnx_step=True),
 ]
 
 
@@ -80,6 +84,8 @@ def _row_format(row: Row, device) -> dict:
         return {"dtype": "fp32", "memory_format": "channels_last" if row.compile_mode else "contiguous",
                 "float32_math": None if math is None else f"conv {math['cudnn_conv']}, matmul {math['cuda_matmul']}",
                 "peak_key": "tf32" if math and math["cudnn_conv"] == "tf32" else "fp32"}
+    if row.onnx_step:
+        return {"dtype": "fp32", "memory_format": "contiguous", "float32_math": None, "peak_key": "fp32"}
     p = resolve_plan(StylizeSettings(device=device.type, **(row.settings or {})))
     return {"dtype": p.precision, "memory_format": p.memory_format, "float32_math": p.float32_math,
             "peak_key": p.precision}
@@ -99,9 +105,10 @@ def _make_step(row: Row, size: int, device, eager_net, weights, ts_dir, cfg):
                             base.learning_rate, base.content_weight, base.style_weight, base.tv_weight,
                             naive=(row.key == "naive"))
         return loop.step, None
-    network = {"extractor": str(ts_dir)} if row.torchscript else {"weights": cfg.weights}
+    exported = row.torchscript or row.onnx_step
+    network = {"extractor": str(ts_dir)} if exported else {"weights": cfg.weights}
     settings = StylizeSettings(size=size, device=device.type, **network, **(row.settings or {}))
-    stepper = prepare(content, [(style, 1.0)], settings, extractor=None if row.torchscript else eager_net).stepper
+    stepper = prepare(content, [(style, 1.0)], settings, extractor=None if exported else eager_net).stepper
     return stepper.step, stepper
 
 
@@ -113,6 +120,12 @@ def build_row(row: Row, size: int, device, eager_net, weights, ts_dir, cfg) -> t
         return out, None
     if row.torchscript and ts_dir is None:
         out.update(applicable=False, reason="TorchScript export failed or was skipped")
+        return out, None
+    if row.onnx_step and device.type != "cpu":
+        out.update(applicable=False, reason="ONNX Runtime's CPU provider only (onnxruntime-gpu is not a dependency)")
+        return out, None
+    if row.onnx_step and (ts_dir is None or not (ts_dir / "step.onnx").exists()):
+        out.update(applicable=False, reason="the step graphs were not exported (--no-onnx, or the export failed)")
         return out, None
     out.update(_row_format(row, device))
     gc.collect()
@@ -213,6 +226,8 @@ def derive(rows: list[dict], peaks: dict) -> None:
             b = by.get(base, {})
             if b.get("steps_per_s"):
                 r[f"speedup_vs_{base}"] = r["steps_per_s"] / b["steps_per_s"]
+        if by.get("engine", {}).get("steps_per_s"):
+            r["speedup_vs_engine"] = r["steps_per_s"] / by["engine"]["steps_per_s"]
         peak_key = r.get("peak_key", r.get("dtype", "fp32"))
         if peak_key in peaks:
             r["peak_fraction"] = r["tflops"] * 1e12 / peaks[peak_key]

@@ -76,12 +76,13 @@ def measure_peak(device, key: str, n: int) -> float:
         return matmul_peak(device, _DTYPES[key], n)
 
 
-def _export_for_rows(cfg: BenchSettings, eager_net, tmp: Path) -> tuple[Path | None, Path | None]:
-    """A TorchScript (and ONNX) export of the benchmark's network, for the rows that use it."""
+def _export_for_rows(cfg: BenchSettings, eager_net, tmp: Path, device) -> tuple[Path | None, Path | None]:
+    """A TorchScript (and ONNX: the extractor, and on the CPU the step graphs) export of the
+    benchmark's network, for the rows that use it."""
     from nst.export import ExportSettings, export_extractor
 
     out = tmp / "export"
-    formats = ("torchscript", "onnx") if cfg.onnx else ("torchscript",)
+    formats = ("torchscript", "onnx") + (("step",) if device.type == "cpu" else ()) if cfg.onnx else ("torchscript",)
     try:
         export_extractor(ExportSettings(out=out, weights=cfg.weights, formats=formats, trace_size="64x64",
                                         check_size="80x48"), module=eager_net)
@@ -147,7 +148,7 @@ def run(cfg: BenchSettings) -> dict:
                "flops_formula": flops_mod.__doc__.strip(), "sizes": {}}
     with tempfile.TemporaryDirectory(prefix="nst-bench-") as tmp, _fresh_compile_caches(Path(tmp)):
         if cfg.waterfall:
-            ts_dir, onnx_path = _export_for_rows(cfg, eager_net, Path(tmp))
+            ts_dir, onnx_path = _export_for_rows(cfg, eager_net, Path(tmp), device)
             for size in cfg.sizes:
                 results["sizes"][str(size)] = _size_entry(size, device, eager_net, weights, ts_dir, onnx_path, cfg)
         if cfg.time_to_image:

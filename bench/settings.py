@@ -32,7 +32,8 @@ class BenchSettings:
     name: str | None = option(None, help="file stem for the results (default: from the device name)")
     interleave: bool | None = option(None, help="time the rows round-robin (default: on the CPU, where a shared "
                                      "machine's slow moments should hit every row alike; not on GPUs)")
-    onnx: bool = option(True, help="also time target computation with ONNX Runtime against eager PyTorch")
+    onnx: bool = option(True, help="also time target computation with ONNX Runtime against eager PyTorch, and on "
+                        "the CPU the whole step in ONNX Runtime (the step graphs, --runtime onnxruntime)")
     profile: bool = option(True, help="profile the engine's default step at the largest size and record where "
                            "the time goes (kernel groups, their share and achieved FLOP/s)")
     waterfall: bool = option(True, help="time the waterfall's rows at each size (--no-waterfall: only the other "

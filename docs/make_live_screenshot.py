@@ -53,7 +53,7 @@ def main() -> int:
     threading.Thread(target=shoot, daemon=True).start()
     rendering.set()
     try:
-        render(content, [(style, 1.0)], settings, callback=live.callback, on_plan=live.on_plan)
+        render(content, [(style, 1.0)], settings, callback=live.callback, on_schedule=live.on_schedule)
     except KeyboardInterrupt:
         pass
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from .inputs import as_image, gather
+from .live import open_live
 from .loop import Callback, chain
 from .multiscale import render
 from .progress import progress_bar
@@ -30,13 +31,17 @@ def _style_items(style) -> list:
 
 
 def stylize(content, style, settings: StylizeSettings | None = None, extractor=None, progress: bool = False,
-            recipe: str | None = None, callback: Callback | None = None, **overrides) -> Result:
+            recipe: str | None = None, callback: Callback | None = None, serve: str | None = None,
+            progress_file=None, **overrides) -> Result:
     """Stylise ``content`` with ``style``.
 
     ``style`` is one image, or a list of images or ``(image, weight)`` pairs (weights are
     relative). ``recipe`` names a configuration of engine/recipes.py, applied over
     ``settings``; ``overrides`` set StylizeSettings fields (``steps=100, size=256``...) last.
     ``progress`` draws a progress bar; ``callback(StepInfo)`` is called after every step.
+    ``serve="[HOST:]PORT"`` serves the live page while it runs (its URL is printed; the stop
+    button raises KeyboardInterrupt in the main thread, as Ctrl-C would);
+    ``progress_file=FILE`` appends its progress for ``nst watch FILE`` (engine/live.py).
     Returns a :class:`nst.engine.stats.Result`: ``.image`` (3, H, W), ``.stats``, and what
     the render says about itself: ``.report`` (its schedule of scales, planned against
     actual) and ``.diagnosis`` (why a render that never improved did not; else None).
@@ -47,11 +52,19 @@ def stylize(content, style, settings: StylizeSettings | None = None, extractor=N
         settings = recipe_settings(recipe, settings, **overrides)
     else:
         settings = dataclasses.replace(settings or StylizeSettings(), **overrides)
-    content_t, styles, init = gather(content, _style_items(style), settings)
-    report: list[str] = []
-    with progress_bar(progress) as bar:
-        result = render(content_t, styles, settings, extractor=extractor, init=init, callback=chain(bar, callback),
-                        on_schedule=lambda schedule: report.extend(schedule_lines(schedule, settings, 0.0)))
+    live = open_live(serve, progress_file, settings)  # a port in use is refused before any work
+    with live:
+        content_t, styles, init = gather(content, _style_items(style), settings)
+        report: list[str] = []
+
+        def on_schedule(schedule, outcomes) -> None:
+            report.extend(schedule_lines(schedule, settings, 0.0))
+            if live.on_schedule is not None:
+                live.on_schedule(schedule, outcomes)
+
+        with progress_bar(progress) as bar:
+            result = render(content_t, styles, settings, extractor=extractor, init=init,
+                            callback=chain(bar, callback, live.callback), on_schedule=on_schedule)
     result.report = report + outcome_lines(result.stats, settings, result.stats.total_s)
     result.diagnosis = diagnose(result.stats, settings, recipe)
     return result

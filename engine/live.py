@@ -155,7 +155,7 @@ def _can_interrupt() -> bool:
 
 
 class Publisher:
-    """The loop callback (``callback=``) and the plan hook (``on_plan=``, engine/multiscale.py):
+    """The loop callback (``callback=``) and the schedule hook (``on_schedule=``, engine/multiscale.py):
     at each progress interval and each scale's start, the numbers and the downscaled image
     into the slot. ``spent`` holds the render thread's seconds per call (the page's cost)."""
 
@@ -163,14 +163,15 @@ class Publisher:
         from .ranks import launched_ranks
 
         self.slot, self.full, self.settings, self.t_start, self.edge = slot, full, settings, t_start, edge
-        self.plans, self.t_plan, self.tiles = None, None, None
+        self.plans, self.outcomes, self.t_plan, self.tiles = None, None, None, None
         self.world = launched_ranks() if settings is not None and settings.distributed else 1
         self.spent: collections.deque[float] = collections.deque(maxlen=100_000)
 
-    def on_plan(self, plans) -> None:
-        """The scales' plan (engine/budget.py ScalePlan list; read again at every update:
-        the render re-plans them as it goes)."""
-        self.plans, self.t_plan = plans, time.perf_counter()
+    def on_schedule(self, schedule, outcomes) -> None:
+        """The scales' schedule and outcomes (engine/budget.py ScaleSchedule and
+        engine/multiscale.py ScaleOutcome lists; read again at every update: the render
+        re-plans the schedule and fills the outcomes in as it goes)."""
+        self.plans, self.outcomes, self.t_plan = schedule, outcomes, time.perf_counter()
 
     def __call__(self, info: StepInfo) -> None:
         if info.losses is None and not info.opening:
@@ -179,7 +180,7 @@ class Publisher:
         if info.opening:
             self.tiles = _tile_info(self.settings, tuple(info.x.shape[-2:]), self.world)
         numbers = self._numbers(info, t0)
-        point = None if info.losses is None else [info.render_step - 1, *info.losses, info.scale]
+        point = None if info.losses is None else [info.render_step - 1, *info.losses, info.scale_index]
         a = image_array(info.x, self.edge)
         numbers["image_hw"] = list(a.shape[:2])
         self.slot.put(a, (numbers, point))  # the newest image; every update's numbers, in order
@@ -197,7 +198,7 @@ class Publisher:
             b = self.settings.time_budget
             budget = {"budget_s": b, "margin_s": budget_margin(b),
                       "calibration_s": None if self.t_plan is None else self.t_plan - self.t_start}
-        return {"status": "running", "step": info.render_step, "steps_planned": planned, "scale": info.scale,
+        return {"status": "running", "step": info.render_step, "steps_planned": planned, "scale": info.scale_index,
                 "scale_step": info.step, "scale_steps": info.steps, "steps_per_s": info.steps_per_s,
                 "losses": info.losses, "hw": list(info.x.shape[-2:]), "elapsed_s": now - self.t_start,
                 "time": time.time(), "ladder": ladder, "budget": budget, "ranks": self.tiles,
@@ -209,14 +210,15 @@ class Publisher:
             return [{"size": max(h, w), "hw": [h, w], "steps": info.steps, "planned_s": None, "actual_s": None,
                      "steps_run": None}]
         out = []
-        for k, sc in enumerate(self.plans):
-            steps = info.steps if k == info.scale else (sc.steps_run if k < info.scale else sc.steps)
+        now = info.scale_index
+        for k, (sc, done) in enumerate(zip(self.plans, self.outcomes)):
+            steps = info.steps if k == now else (done.steps_run if k < now else sc.steps)
             out.append({"size": sc.size, "hw": list(sc.hw), "steps": steps,
                         "planned_steps": sc.initial_steps or sc.steps,
                         "planned_s": (sc.initial_planned_s or sc.planned_s) or None,
-                        "actual_s": sc.actual_s if k < info.scale else None,
-                        "steps_run": sc.steps_run if k < info.scale else None,
-                        "step_s": sc.cost.step_s or None, "why": sc.why or None})
+                        "actual_s": done.actual_s if k < now else None,
+                        "steps_run": done.steps_run if k < now else None,
+                        "step_s": sc.cost.step_s or None, "why": done.why or None})
         return out
 
 
@@ -225,7 +227,7 @@ def _tile_info(settings, hw: tuple[int, int], world: int) -> dict | None:
     memory plan decides alone (it may still tile a render too large for the device)."""
     if settings is None or (not settings.tile and world <= 1):
         return None
-    from .tiles import rank_tile, tiles_for
+    from .tiling import rank_tile, tiles_for
 
     taps, net = settings.taps(), settings.network
     tile = settings.tile or rank_tile(hw, world, taps, net)
@@ -332,14 +334,14 @@ class ProgressFile(threading.Thread):
 
 
 class Live:
-    """A render's live page and/or progress file: ``callback`` and ``on_plan`` go to the
+    """A render's live page and/or progress file: ``callback`` and ``on_schedule`` go to the
     render (None when neither was asked for); ``close(note)`` ends them (idempotent)."""
 
     def __init__(self, server: LiveServer | None, sink: ProgressFile | None, publisher: Publisher | None,
                  encoder: _Encoder | None, full: _FullImage | None):
         self.server, self.sink, self.publisher, self.encoder, self.full = server, sink, publisher, encoder, full
         self.callback = publisher
-        self.on_plan = publisher.on_plan if publisher is not None else None
+        self.on_schedule = publisher.on_schedule if publisher is not None else None
         self.url = server.url if server is not None else None
         self._closed = False
 

@@ -194,5 +194,11 @@ __all__ = ["ScriptedExtractor", "load_export", "load_extractor", "quiet_jit"]
 
 def extractor_for(settings):
     """The extractor a render's settings describe (``--extractor`` or ``--weights``, its
-    taps, pooling and network)."""
+    taps, pooling and network); with ``--runtime onnxruntime``, the export's step graphs
+    (engine/onnx_runtime.py), which take the extractor's place in a render."""
+    if settings.runtime == "onnxruntime":
+        from .onnx_runtime import load_step_graphs
+
+        return load_step_graphs(settings.extractor, threads=torch.get_num_threads(), pool=settings.pool,
+                                network=settings.network)
     return load_extractor(settings.extractor, settings.weights, settings.taps(), settings.pool, settings.network)

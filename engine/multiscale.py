@@ -71,8 +71,9 @@ def render(content, styles, settings: StylizeSettings, extractor=None, init=None
 
     ``t_start`` is when the budget's clock started (default: now); ``write_s`` is what the
     caller needs after the render to finish within the budget (writing the image).
-    ``on_schedule(schedule)`` is called once the schedule (a ScaleSchedule per scale) is
-    known: the command line prints engine/summary.py's lines for it. The result's
+    ``on_schedule(schedule, outcomes)`` is called once the schedule (a ScaleSchedule per
+    scale) is known, with the ScaleOutcome list the render fills in as each scale ends: the
+    command line prints engine/summary.py's lines for it, the live page follows both. The result's
     ``stats.scales`` lists each scale's schedule and outcome. ``resume`` (engine/state.py's
     RenderState; not with a budget) skips the scales before its own and goes on from its step.
     """
@@ -87,12 +88,12 @@ def render(content, styles, settings: StylizeSettings, extractor=None, init=None
     if extractor is None:  # loaded once here, not once per scale
         extractor = extractor_for(settings)
     schedule = schedule_scales(content, styles, settings, extractor, t_start, write_s)
-    if on_schedule is not None:
-        on_schedule(schedule)
     if resume is not None and not 0 <= resume.scale_index < len(schedule):
         raise InputError(f"--resume: the state file is from scale {resume.scale_index + 1}; this render has "
                          f"{len(schedule)}")
     outcomes = [ScaleOutcome() for _ in schedule]
+    if on_schedule is not None:
+        on_schedule(schedule, outcomes)
     result = _run_scales(content, styles, settings, extractor, init, callback, schedule, outcomes, t_start,
                          write_s, resume)
     return _summary(result, schedule, outcomes, settings, t_start)

@@ -9,7 +9,8 @@
   ``objective.onnx`` (for L-BFGS or a host's own optimiser);
 - ``OnnxAdamStep``: the stepper protocol on ``step.onnx``: one Adam step per call, the
   moments kept between calls as numpy arrays; its state_dict has AdamStep's layout, so
-  ``--resume`` works across the two runtimes.
+  ``--resume`` works across the two runtimes. L-BFGS is the engine's own stepper
+  (engine/steppers.py) on ``OnnxObjective``.
 
 No autograd and no libtorch in the step: torch only holds the image the loop reads.
 Everything runs on the CPU provider (ONNX Runtime's CUDA provider is out of scope).
@@ -17,7 +18,6 @@ Everything runs on the CPU provider (ONNX Runtime's CUDA provider is out of scop
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,8 @@ from .errors import InputError, ManifestError
 from .fsutil import sha256_file
 from .layers import layer_by_name
 from .manifest import EMBEDDED_NAME, STEP_FILES, STEP_WEIGHTS_NAME, check_step_embedded, read_manifest
-from .norms import content_norm_factor, style_norm_factor
+from .losses import content_coef, style_coef
+from .steppers import LBFGSStep
 from .targets import Targets, style_blend
 
 
@@ -45,6 +46,11 @@ class StepGraphs:
     gram_norm: str
     min_side: int
     inputs: dict = field(default_factory=dict)  # graph name -> input names, in order
+
+    @property
+    def weights_info(self) -> dict:
+        """The export's weights (spec, source, hashes; ``random`` for seeded random weights)."""
+        return self.manifest["weights"]
 
     def check_settings(self, content_layers, style_layers, content_norm: str, gram_norm: str) -> None:
         """Refuse, in one line, a render whose losses these graphs cannot compute: the
@@ -146,8 +152,8 @@ def onnx_targets(graphs: StepGraphs, content: torch.Tensor, styles, content_laye
             grams[i] = g if grams[i] is None else grams[i] + g
     table, (h, w) = layer_by_name(graphs.manifest["network"]), content.shape[-2:]
     m = {n: (h // table[n].stride) * (w // table[n].stride) for n, _ in content_layers + style_layers}
-    cf = tuple(wt * content_norm_factor(graphs.content_norm, table[n].out_channels, m[n]) for n, wt in content_layers)
-    sf = tuple(wt * style_norm_factor(graphs.gram_norm, table[n].out_channels, m[n]) for n, wt in style_layers)
+    cf = tuple(content_coef(graphs.content_norm, wt, table[n].out_channels, m[n]) for n, wt in content_layers)
+    sf = tuple(style_coef(graphs.gram_norm, wt, table[n].out_channels, m[n]) for n, wt in style_layers)
     return Targets(tuple(content_layers), tuple(style_layers), contents, grams, blend, cf, sf)
 
 
@@ -251,52 +257,6 @@ class OnnxAdamStep:
         self.exp_avg_sq = _np(st["exp_avg_sq"]).reshape(self.exp_avg_sq.shape).copy()
 
 
-class OnnxLBFGSStep:
-    """One L-BFGS iteration per call on objective.onnx's loss and gradient: torch.optim.LBFGS
-    (its arithmetic only; no autograd), with engine/steppers.py LBFGSStep's loss unit
-    (loss / loss_0) and clamp."""
-
-    warmup_steps = 1
-    capture_s = 0.0
-
-    def __init__(self, objective: OnnxObjective, x: torch.Tensor, lr: float, history: int):
-        self.objective, self.x = objective, x
-        self.opt = torch.optim.LBFGS([x], lr=lr, max_iter=1, history_size=history)
-        self.inv_scale: float | None = None
-
-    def set_lr(self, lr: float) -> None:
-        self.opt.param_groups[0]["lr"] = lr
-
-    def state_dict(self) -> dict:
-        return {"lbfgs": self.opt.state_dict()["state"], "inv_scale": self.inv_scale}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "lbfgs" not in state:
-            raise InputError("--resume: the state file was written by another optimizer (not L-BFGS)")
-        full = self.opt.state_dict()
-        full["state"] = state["lbfgs"]
-        self.opt.load_state_dict(full)
-        self.inv_scale = state["inv_scale"]
-
-    def step(self) -> torch.Tensor:
-        first: list[torch.Tensor] = []
-
-        def closure():
-            parts = self.objective.losses_and_grad(self.x)
-            if self.inv_scale is None:
-                l0 = abs(float(parts[0]))
-                self.inv_scale = 1.0 / l0 if math.isfinite(l0) and l0 > 0 else 1.0
-            self.x.grad.mul_(self.inv_scale)
-            if not first:
-                first.append(parts)
-            return parts[0] * self.inv_scale
-
-        self.opt.step(closure)
-        with torch.no_grad():
-            self.x.clamp_(0.0, 1.0)
-        return first[0]
-
-
 def make_onnx_stepper(graphs: StepGraphs, targets: Targets, settings, x: torch.Tensor):
     """The stepper a render's settings ask for, in ONNX Runtime: Adam on step.onnx, or
     L-BFGS on objective.onnx. ``x``: the loop's image (1, 3, H, W), float32 on the CPU."""
@@ -304,9 +264,10 @@ def make_onnx_stepper(graphs: StepGraphs, targets: Targets, settings, x: torch.T
         raise InputError("--runtime onnxruntime runs on the CPU in float32")
     objective = OnnxObjective(graphs, targets, settings.content_weight, settings.style_weight, settings.tv_weight)
     if settings.optimizer == "lbfgs":
-        return OnnxLBFGSStep(objective, x, settings.learning_rate, settings.lbfgs_history)
+        # The engine's own L-BFGS stepper: it needs nothing of an objective but the protocol.
+        return LBFGSStep(objective, x, settings.learning_rate, settings.lbfgs_history)
     return OnnxAdamStep(objective, x, settings.learning_rate)
 
 
-__all__ = ["OnnxAdamStep", "OnnxLBFGSStep", "OnnxObjective", "StepGraphs", "load_step_graphs", "make_onnx_stepper",
+__all__ = ["OnnxAdamStep", "OnnxObjective", "StepGraphs", "load_step_graphs", "make_onnx_stepper",
            "onnx_targets"]

@@ -29,7 +29,7 @@ class StepPlan:
     precision: str  # "fp32" | "tf32" | "bf16" | "fp16"
     channels_last: bool
     cuda_graph: bool
-    path: str  # "fast" | "reference"
+    path: str  # "fast" | "reference" | "onnxruntime"
     compile: bool = False  # the objective under torch.compile (engine/objective.py)
     memory: MemoryEstimate | None = None  # None: no size given, the machine's part only
     world: int = 1  # ranks that share every step's tiles (--distributed)
@@ -69,6 +69,9 @@ class StepPlan:
 
 def _machine(settings: StylizeSettings) -> StepPlan:
     """Device, precision, layout, graph and compile, from the settings and the machine."""
+    if settings.runtime == "onnxruntime":
+        # ONNX Runtime's CPU provider runs the export's step graphs: float32, NCHW (engine/onnx_runtime.py).
+        return StepPlan("cpu", "fp32", False, False, "onnxruntime")
     device = resolve_device(settings.device).type
     if settings.reference:
         return StepPlan(device, "fp32", False, False, "reference")

@@ -151,6 +151,8 @@ def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], set
     ours = extractor is None  # loaded here: ours to convert in place
     if ours:
         extractor = extractor_for(settings)
+    if settings.runtime == "onnxruntime":
+        return _prepare_onnx(content, styles, settings, extractor, init)
     weights_info = getattr(extractor, "weights_info", {}) or {}
     _warn_random(weights_info)
     out_hw, style_hws = _sizes(content, styles, settings, extractor.min_side)
@@ -176,3 +178,26 @@ def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], set
     x = x.detach().requires_grad_(True)  # (1, 3, H, W) float32, the only thing optimised
     stepper = make_stepper(objective, x, settings, plan)
     return Prepared(settings, plan, stepper, objective, x, targets, content_img, out_hw, weights_info)
+
+
+def _prepare_onnx(content, styles, settings: StylizeSettings, graphs, init) -> Prepared:
+    """``prepare`` for ``--runtime onnxruntime``: ``graphs`` are the export's step graphs
+    (engine/onnx_runtime.py, from loader.extractor_for); the targets by targets.onnx, the
+    steps by step.onnx (Adam) or objective.onnx (L-BFGS), on the CPU in float32."""
+    from .onnx_runtime import make_onnx_stepper, onnx_targets
+
+    _warn_random(graphs.weights_info)
+    out_hw, style_hws = _sizes(content, styles, settings, graphs.min_side)
+    plan = resolve_plan(settings, out_hw, style_hws)
+    if plan.tile or plan.checkpoint:
+        raise InputError(f"{plan.memory.describe()}; --runtime onnxruntime runs whole steps only: use --runtime "
+                         "torch for a render this large")
+    content_img = resize_to(content.float().cpu(), out_hw).unsqueeze(0)  # (1, 3, H, W)
+    style_imgs = [(resize_to(img.float().cpu(), hw).unsqueeze(0), float(w)) for (img, w), hw in zip(styles, style_hws)]
+    content_layers, style_layers = settings.layer_weights()
+    graphs.check_settings(content_layers, style_layers, settings.content_norm, settings.gram_norm)
+    targets = onnx_targets(graphs, content_img, style_imgs, content_layers, style_layers)
+    x = init_image(init if init is not None else settings.init, content_img, style_imgs, settings.seed)
+    x = x.contiguous().detach().requires_grad_(True)  # (1, 3, H, W) float32, NCHW, the only thing optimised
+    stepper = make_onnx_stepper(graphs, targets, settings, x)
+    return Prepared(settings, plan, stepper, stepper.objective, x, targets, content_img, out_hw, graphs.weights_info)

@@ -31,6 +31,7 @@ DEFAULT_LR = {"adam": 0.02, "lbfgs": 1.0}
 LR_SCHEDULES = ("constant", "step", "cosine")
 LR_UNITS = ("pixel", "imagenet")
 BUDGET_PLANS = ("adaptive", "equal")
+RUNTIMES = ("torch", "onnxruntime")
 # Mean of torchvision's ImageNet std: one step of size lr in normalised units moves a
 # [0, 1] pixel by about lr * 0.226 (per channel within 1.3%).
 IMAGENET_STD_MEAN = sum(IMAGENET_STD) / len(IMAGENET_STD)
@@ -112,6 +113,9 @@ class StylizeSettings:
         "on the CPU)", choices=MEMORY_FORMATS, loop_only=True)
     reference: bool = option(False, help="force the plain float32 NCHW eager reference path (no fast path)",
                              loop_only=True)
+    runtime: str = option("torch", help="what runs the steps: torch (the engine), or onnxruntime (the step graphs of "
+                          "an `nst export` directory given with --extractor: ONNX Runtime on the CPU, float32, no "
+                          "autograd)", choices=RUNTIMES, loop_only=True)
     cuda_graph: bool = option(True, help="on CUDA with Adam, capture the whole step in a CUDA graph", loop_only=True)
     compile: bool = option(False, help="compile the objective (network, Grams, losses) with torch.compile, static "
                            "shapes, one compile per size; with --cuda-graph the compiled step is then captured. The first "
@@ -201,6 +205,7 @@ class StylizeSettings:
             raise InputError(f"--move-on is a fraction of the loss per step, in (0, 1); got {self.move_on}")
 
     def _check_combinations(self) -> None:
+        self._check_runtime()
         if self.lr_units == "imagenet" and self.optimizer == "lbfgs":
             raise InputError("--lr-units imagenet is for Adam: L-BFGS's steps do not depend on the pixel units")
         if self.reference and self.precision not in ("auto", "fp32"):
@@ -219,6 +224,22 @@ class StylizeSettings:
             raise InputError("--reference runs the plain eager loop; it cannot be combined with --compile")
         if self.reference and self.memory_format == "channels_last":
             raise InputError("--reference runs NCHW; it cannot be combined with --memory-format channels_last")
+
+    def _check_runtime(self) -> None:
+        if self.runtime != "onnxruntime":
+            return
+        if self.extractor is None:
+            raise InputError("--runtime onnxruntime runs an export's step graphs: give the export directory with "
+                             "--extractor DIR (nst export writes them)")
+        asked = [flag for flag, on in (("--tile", self.tile is not None), ("--distributed", self.distributed),
+                                       ("--compile", self.compile), ("--checkpointing on", self.checkpointing == "on"),
+                                       ("--device cuda", self.device == "cuda"),
+                                       (f"--precision {self.precision}", self.precision not in ("auto", "fp32")),
+                                       ("--memory-format channels_last", self.memory_format == "channels_last"))
+                 if on]
+        if asked:
+            raise InputError(f"--runtime onnxruntime runs whole float32 steps on the CPU; it does not support "
+                             f"{asked[0]} (yet): leave it out, or use --runtime torch")
 
     def layer_weights(self) -> tuple[tuple[tuple[str, float], ...], tuple[tuple[str, float], ...]]:
         """(content layers, style layers), each ((name, weight), ...) in depth order."""

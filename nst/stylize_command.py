@@ -17,6 +17,7 @@ from nst.engine.errors import NSTError, RankLostError, RenderFailed
 from nst.engine.plan import resolve_plan
 from nst.engine.ranks import joined, launched_ranks
 from nst.engine.fsutil import OutputError, atomic_write_text, write_target
+from nst.engine.live import open_live
 from nst.engine.imageio import (GIF_LONG_EDGE, check_gif_path, check_output_path, gif_frame,
                                 predict_save_s, save_gif, save_image)
 from nst.engine.loop import StepInfo, chain
@@ -158,8 +159,8 @@ def _work(job: StylizeJob) -> int:
 
 
 def _stylize(job: StylizeJob, quiet: bool, t_start: float, recipe: str | None, ranks=None) -> int:
-    settings = job.settings
-    # Everything that can be refused is refused before any work: output paths, inputs.
+    # Everything that can be refused is refused before any work: output paths, the live
+    # page's port, the inputs.
     out = check_output_path(job.output)
     if job.stats:
         write_target(job.stats, "--stats")
@@ -167,6 +168,13 @@ def _stylize(job: StylizeJob, quiet: bool, t_start: float, recipe: str | None, r
         check_gif_path(job.gif)
     if job.state and not job.resume:
         write_target(job.state, "--state")
+    live = open_live(job.serve, job.progress, job.settings, t_start)
+    with live:
+        return _render_job(job, quiet, t_start, recipe, ranks, out, live)
+
+
+def _render_job(job: StylizeJob, quiet: bool, t_start: float, recipe: str | None, ranks, out: Path, live) -> int:
+    settings = job.settings
     content, styles, init = load_inputs(job)
     print_ = fingerprint(settings, content, styles) if job.state else None
     resume = load_state(job.state, print_) if job.resume else None
@@ -176,11 +184,17 @@ def _stylize(job: StylizeJob, quiet: bool, t_start: float, recipe: str | None, r
     keeper = Keeper(out, job.save_every, gif_hw, job.gif_every or max(1, settings.steps // 50))
     # A budget ends with the image written: plan the writing too.
     write_s = predict_save_s(content, final_hw, out) if settings.time_budget is not None else 0.0
+
+    def on_schedule(schedule, outcomes) -> None:
+        for line in schedule_lines(schedule, settings, write_s):
+            print(line)
+        if live.on_schedule is not None:
+            live.on_schedule(schedule, outcomes)
+
     try:
         with progress_bar(not quiet) as bar:
-            result = render(content, styles, settings, init=init, callback=chain(bar, keeper, saver),
-                            t_start=t_start, on_schedule=lambda sch: _print_lines(schedule_lines(sch, settings, write_s)),
-                            write_s=write_s, resume=resume)
+            result = render(content, styles, settings, init=init, callback=chain(bar, keeper, saver, live.callback),
+                            t_start=t_start, on_schedule=on_schedule, write_s=write_s, resume=resume)
     except RenderFailed as e:  # the loss diverged or a rank was lost: its best image is still written
         if ranks is not None:
             ranks.stop_workers()
@@ -192,6 +206,7 @@ def _stylize(job: StylizeJob, quiet: bool, t_start: float, recipe: str | None, r
     if ranks is not None:
         ranks.stop_workers()  # the workers are done: they need not wait while the image is written
     save_final(result.image, out)
+    live.close(f"wrote {out}")
     if job.gif:
         print(keeper.write_gif(job.gif, result.image))
     if job.stats:
@@ -201,8 +216,3 @@ def _stylize(job: StylizeJob, quiet: bool, t_start: float, recipe: str | None, r
     if diagnosis:
         raise NSTError(diagnosis)
     return code
-
-
-def _print_lines(lines: list[str]) -> None:
-    for line in lines:
-        print(line)

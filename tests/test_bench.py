@@ -36,7 +36,7 @@ def test_quick_benchmark_end_to_end(tmp_path, capfd):
     rows = data["sizes"]["64"]["rows"]
     keys = [r["key"] for r in rows]
     assert keys == ["naive", "eager", "user_compile", "user_compile_ro", "targets", "channels_last", "tf32", "bf16",
-                    "fp16", "graph", "compile", "torchscript", "engine"]
+                    "fp16", "graph", "compile", "torchscript", "engine", "onnxruntime"]
     for r in rows:
         if r["key"] in ("user_compile_ro", "tf32", "bf16", "fp16", "graph"):
             assert r["applicable"] is False and r["reason"] == "needs CUDA"  # listed, not dropped
@@ -46,6 +46,8 @@ def test_quick_benchmark_end_to_end(tmp_path, capfd):
             assert isinstance(r[field], (int, float)) and math.isfinite(r[field]) and r[field] > 0, (r["key"], field)
         assert len(r["repeats_ms_per_step"]) == 2
     assert {r["best_baseline"] for r in rows if r.get("steps_per_s")} <= {"naive", "eager", "user_compile"}
+    ort = rows[keys.index("onnxruntime")]  # the exported step in ONNX Runtime, with its ratio to the engine's
+    assert ort["speedup_vs_engine"] > 0 and "The step in ONNX Runtime" in (tmp_path / "quick.md").read_text()
     tti = data["time_to_image"]["renders"]["64 px / 2 steps"]
     assert set(tti) == {"engine defaults", "engine --compile", "user loop + torch.compile (default)"}
     for name, v in tti.items():

@@ -35,9 +35,7 @@ from nst.engine.settings import StylizeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 BROWSER = ROOT / "tests" / "browser"
-# `nst` with the live page wired into `nst stylize` (tests/live_driver.py does what
-# nst/stylize_command.py is to do; once it does, this becomes [sys.executable, "-m", "nst"]).
-DRIVER = [sys.executable, str(ROOT / "tests" / "live_driver.py")]
+DRIVER = [sys.executable, "-m", "nst"]
 W = "random:0"
 ENV = dict(os.environ, NST_OFFLINE="1")
 
@@ -336,7 +334,7 @@ def test_a_stalled_client_does_not_slow_the_render(monkeypatch, tmp_path):
             stalled.append(s)
         reader = threading.Thread(target=_read_events, args=(port, got), daemon=True)
         reader.start()
-        render(content, styles, settings, callback=live.callback, on_plan=live.on_plan)
+        render(content, styles, settings, callback=live.callback, on_schedule=live.on_schedule)
         spent = list(live.publisher.spent)
         live.close("done")
         reader.join(30)
@@ -430,7 +428,7 @@ def _progress_file(path: Path, steps: int = 8) -> list[bytes]:
     content, styles = _inputs()
     settings = _settings(steps=steps)
     live = open_live(None, path, settings, announce=lambda line: None)
-    render(content, styles, settings, callback=live.callback, on_plan=live.on_plan)
+    render(content, styles, settings, callback=live.callback, on_schedule=live.on_schedule)
     live.close("wrote it")
     return path.read_bytes().splitlines(keepends=True)
 
@@ -449,6 +447,25 @@ def test_the_progress_file_has_a_line_per_interval_and_an_image(tmp_path):
     with Image.open(tmp_path / "p.jsonl.png") as im:
         assert im.size == (48, 48) and im.format == "PNG"
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_the_python_api_serves_and_writes_progress_too(images, capsys):
+    """nst.engine.stylize(serve=, progress_file=): the page's URL is printed, the progress file
+    gets a line per interval, and a port in use is refused before any image is read."""
+    import nst.engine
+
+    result = nst.engine.stylize(images / "c.png", images / "s.png", weights=W, size=48, steps=4, device="cpu",
+                                progress_every=2, serve="127.0.0.1:0", progress_file=images / "run.jsonl")
+    assert tuple(result.image.shape) == (3, 48, 48)
+    assert "nst: live page: http://127.0.0.1:" in capsys.readouterr().out
+    steps = [json.loads(line)["state"]["step"] for line in (images / "run.jsonl").read_text().splitlines()]
+    assert steps[0] == 0 and steps[-1] == 4 and (images / "run.jsonl.png").exists()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(InputError, match="in use"):
+            nst.engine.stylize(images / "missing.png", images / "s.png", weights=W, size=48, steps=1, device="cpu",
+                               serve=f"127.0.0.1:{busy.getsockname()[1]}")
 
 
 @pytest.mark.slow

@@ -27,7 +27,8 @@ import torch
 from nst.engine.errors import InputError, ManifestError
 from nst.engine.features import build_extractor
 from nst.engine.manifest import MANIFEST_NAME, STEP_FILES, STEP_WEIGHTS_NAME
-from nst.engine.onnx_runtime import OnnxAdamStep, OnnxLBFGSStep, OnnxObjective, load_step_graphs, onnx_targets
+from nst.engine.onnx_runtime import OnnxAdamStep, OnnxObjective, load_step_graphs, onnx_targets
+from nst.engine.steppers import LBFGSStep
 from nst.engine.targets import compute_targets
 from nst.export import ExportSettings, export_extractor
 from nst.export import step_check
@@ -199,7 +200,7 @@ def test_lbfgs_runtime_lowers_the_loss_like_the_engine(default_export):
                                                           [1.0], [1.0] * 5, [1.0, 1e6, 1.0], kinks)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=0)
     torch.testing.assert_close(x.grad, 2.0 * ref_grad, rtol=0, atol=2e-4 * ref_grad.abs().max().item())
-    stepper = OnnxLBFGSStep(objective, x, lr=1.0, history=10)
+    stepper = LBFGSStep(objective, x, lr=1.0, history=10)
     curve = [float(stepper.step()[0]) for _ in range(5)]
     assert curve[-1] < curve[0], curve
 
@@ -309,3 +310,48 @@ def test_step_graphs_not_written_where_they_do_not_apply(tmp_path):
     assert not any((tmp_path / "a" / n).exists() for n in (*STEP_FILES.values(), STEP_WEIGHTS_NAME))
     with pytest.raises(ManifestError, match="has no step graphs .*loss layer relu4_2"):
         load_step_graphs(tmp_path / "a")
+
+
+def _cli_images(d):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(21)
+    for name, (h, w) in (("c.png", (54, 72)), ("s.png", (64, 64))):
+        Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).byte().numpy()).save(d / name)
+
+
+def _cli(d, *extra):
+    from nst.cli import main
+
+    return main(["-q", "stylize", str(d / "c.png"), "--style", str(d / "s.png"), "--size", "72", "--device", "cpu",
+                 "--style-weight", "1e6", *extra])
+
+
+def test_nst_stylize_runs_in_onnxruntime_as_the_engine_does(default_export, tmp_path, capsys):
+    """--runtime onnxruntime through the command line: its loss curve is the float32 engine's
+    (the reference path on the same weights) to 1e-3; --save-every, --stats and multi-scale
+    work as with the engine; what it cannot do is refused in one line."""
+    import json
+
+    out, _, _, _ = default_export
+    _cli_images(tmp_path)
+    code = _cli(tmp_path, "--extractor", str(out), "--runtime", "onnxruntime", "--steps", "10", "-o",
+                str(tmp_path / "ort.png"), "--stats", str(tmp_path / "ort.json"), "--save-every", "5")
+    assert code == 0 and "on cpu fp32 onnxruntime path" in capsys.readouterr().out
+    assert _cli(tmp_path, "--weights", "random:0", "--reference", "--steps", "10", "-o", str(tmp_path / "ref.png"),
+                "--stats", str(tmp_path / "ref.json")) == 0
+    ort, ref = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ort", "ref"))
+    assert ort["path"] == "onnxruntime" and ort["steps_run"] == 10
+    torch.testing.assert_close(torch.tensor(ort["loss"]), torch.tensor(ref["loss"]), rtol=1e-3, atol=0)
+    assert (tmp_path / "ort_00005.png").exists() and (tmp_path / "ort_00010.png").exists()
+    assert _cli(tmp_path, "--extractor", str(out), "--runtime", "onnxruntime", "--steps", "3", "--scales", "48",
+                "-o", str(tmp_path / "ms.png"), "--stats", str(tmp_path / "ms.json")) == 0
+    assert [sc["size"] for sc in json.loads((tmp_path / "ms.json").read_text())["scales"]] == [48, 72]
+    capsys.readouterr()
+    for extra, why in ((["--tile", "32"], "does not support --tile"), (["--compile"], "does not support --compile")):
+        assert _cli(tmp_path, "--extractor", str(out), "--runtime", "onnxruntime", "-o", str(tmp_path / "x.png"),
+                    *extra) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0] and not (tmp_path / "x.png").exists()
+    assert _cli(tmp_path, "--runtime", "onnxruntime", "-o", str(tmp_path / "x.png")) == 1
+    assert "--extractor DIR" in capsys.readouterr().err
