@@ -12,6 +12,16 @@
 #   bash bench/gpu_check.sh render    # 4096 px under --time-budget 45, timed from process start; C++ host on CUDA
 #   bash bench/gpu_check.sh tiles     # nst bench-tiles on CUDA; a one-rank NCCL render; 8192 px under --time-budget 240
 #   bash bench/gpu_check.sh all       # all of them in turn
+#   bash bench/gpu_check.sh lent      # what matters, in one call of about 5 minutes (below)
+#
+# `lent` is the stage to run first whenever a GPU machine is lent (15 minutes in all, its
+# start included, with room for one rerun): in order of importance, each part time-boxed,
+# and the later parts skipped (a row says so) once the call has used LENT_S seconds
+# (default 290): the cuda tests of the step variants, the kernels and the fast paths; nst
+# bench at 512/1024/2048 with the strongest user loops and every step variant; time to
+# image at 512 px / 500 steps, cold and warm; the 4096 px render under --time-budget 45;
+# the 2048 px / 20 s quality comparison. Its tables go to $OUT/bench/results/<gpu>/ (or
+# bench/results/<gpu>/ without $OUT), as they are committed.
 #
 # Uses the machine's own torch (installs this project with --no-deps, never torch itself).
 # Logs go to $LOGS (default: $OUT/gpu-check when $OUT is set, else bench/results/gpu-check):
@@ -73,8 +83,8 @@ quality() {
 
 quality4k() { quality 4096 60; }
 
-render() {
-  local log="$LOGS/render.log" dir="$LOGS/render"
+render_4096() {  # [directory for the stats]: 4096 px under --time-budget 45, from process start to image written
+  local log="$LOGS/render.log" dir="$LOGS/render" stats="${1:-$LOGS/render}/render-4096-budget45.json"
   mkdir -p "$dir"
   $PY - "$dir" <<'PY' >> "$log" 2>&1
 import sys
@@ -84,8 +94,8 @@ make_style(1024, 1024, seed=1).save(f"{sys.argv[1]}/style.png")
 PY
   local budget=45 start written
   start=$(date +%s.%N)
-  NST_OFFLINE=1 timeout 300 $PY -m nst stylize "$dir/content.png" --style "$dir/style.png" -o "$dir/out.png" \
-    --weights random:0 --size 4096 --scales auto --time-budget $budget --device cuda >> "$log" 2>&1
+  NST_OFFLINE=1 timeout 120 $PY -m nst stylize "$dir/content.png" --style "$dir/style.png" -o "$dir/out.png" \
+    --weights random:0 --size 4096 --scales auto --time-budget $budget --device cuda --stats "$stats" >> "$log" 2>&1
   local rc=$?
   if [ $rc = 0 ] && [ -f "$dir/out.png" ]; then
     written=$($PY -c "import os, sys; print(f'{os.path.getmtime(sys.argv[1]) - float(sys.argv[2]):.1f}')" \
@@ -96,6 +106,11 @@ PY
     row render "4096 px, --time-budget $budget" FAIL "exit $rc (see render.log)"
   fi
   rm -f "$dir"/out.png
+}
+
+render() {
+  local log="$LOGS/render.log"
+  render_4096
   # The C++ host on CUDA against the Python engine on CUDA (the test builds the host).
   NST_OFFLINE=1 timeout 280 $PY -m pytest -q -p no:cacheprovider tests/test_cpp_host.py -k cuda >> "$log" 2>&1
   rc=$?
@@ -149,11 +164,56 @@ bench() {
     "$(grep -E '^wrote' "$log" | tail -1 | cut -c1-120)"
 }
 
+gpu_slug() { $PY -c 'import torch, re; print(re.sub("[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))'; }
+
+lent_part() {  # name, seconds: true when the part may start (time left), else a "skipped" row
+  local left=$(( ${LENT_S:-290} - SECONDS ))
+  if [ "$left" -lt "$2" ]; then row lent "$1" skipped "out of time (${left} s left of ${LENT_S:-290})"; return 1; fi
+}
+
+lent() {
+  SECONDS=0
+  local res="${OUT:+$OUT/}bench/results/$(gpu_slug)" log="$LOGS/lent.log" rc
+  mkdir -p "$res"
+  if lent_part "cuda tests" 60; then
+    NST_OFFLINE=1 timeout 100 $PY -m pytest -q -rs -p no:cacheprovider -m cuda tests/test_variants.py       tests/test_kernels.py tests/test_gram_op.py tests/test_stylize.py > "$LOGS/lent-tests.log" 2>&1
+    rc=$?
+    row lent "pytest -m cuda: variants, kernels, Gram, stylize" "$([ $rc = 0 ] && echo ok || echo FAIL)" \
+      "$(grep -E 'passed|failed' "$LOGS/lent-tests.log" | tail -1)"
+  fi
+  if lent_part "nst bench 512 1024 2048" 120; then
+    NST_OFFLINE=1 timeout $(( ${LENT_S:-290} - SECONDS - 40 )) $PY -m nst bench --device cuda --sizes 512 1024 2048 \
+      --rows eager user_compile_ro user_whole_ro graph compile kernels engine --repeats 3 --steps 10 \
+      --no-time-to-image --out "$res" --name "$(gpu_slug)" >> "$log" 2>&1
+    rc=$?
+    row lent "nst bench 512 1024 2048 (user loops, every variant)" "$([ $rc = 0 ] && echo ok || echo FAIL)" \
+      "$(grep -E 'vs_fastest_baseline' "$res/$(gpu_slug).md" 2>/dev/null | tr '\n' ';' | cut -c1-200)"
+  fi
+  if lent_part "time to image" 40; then
+    NST_OFFLINE=1 timeout 60 $PY -m nst bench --device cuda --no-waterfall --no-profile --no-onnx --renders 512:500 \
+      --out "$res" --name "$(gpu_slug)-time-to-image" >> "$log" 2>&1
+    rc=$?
+    row lent "time to image 512 px / 500 steps, cold and warm" "$([ $rc = 0 ] && echo ok || echo FAIL)" \
+      "$(grep -E 'warm' "$res/$(gpu_slug)-time-to-image.md" 2>/dev/null | head -2 | tr '\n' ';' | cut -c1-160)"
+  fi
+  if lent_part "4096 px render" 60; then
+    render_4096 "$res"
+  fi
+  if lent_part "quality 2048 px / 20 s" 100; then
+    NST_OFFLINE=1 timeout $(( ${LENT_S:-290} - SECONDS )) $PY -m nst bench-quality --device cuda --size 2048 \
+      --budget 20 --out "$res" >> "$log" 2>&1
+    rc=$?
+    row lent "bench-quality 2048 px / 20 s" "$([ $rc = 0 ] && echo ok || echo FAIL)" \
+      "$(grep -E 'adaptive_over_equal' "$log" | tail -1 | cut -c1-120)"
+  fi
+  cp "$SUMMARY" "$res/gpu-check-summary.md"
+}
+
 stage=${1:-}
 case "$stage" in
-  fast|suite|render|bench|tti|quality|quality4k|tiles) setup; "$stage" ;;
+  fast|suite|render|bench|tti|quality|quality4k|tiles|lent) setup; "$stage" ;;
   all) setup; fast; bench; tti; quality; quality4k; suite; render; tiles ;;
-  *) echo "usage: bash bench/gpu_check.sh fast|bench|tti|quality|quality4k|suite|render|tiles|all" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_check.sh lent|fast|bench|tti|quality|quality4k|suite|render|tiles|all" >&2; exit 2 ;;
 esac
 echo
 cat "$SUMMARY"

@@ -77,6 +77,16 @@ def _size_section(size: str, entry: dict) -> list[str]:
     if capt:
         lines += ["", "CUDA graph capture (not in the timings): " +
                   ", ".join(f"{r['label']} {r['capture_s'] * 1e3:.0f} ms" for r in capt)]
+    comp = [r for r in entry["rows"] if r.get("compile_s")]
+    if comp:
+        lines += ["", "torch.compile, the first compiled call (not in the timings): " +
+                  ", ".join(f"{r['label']} {r['compile_s']:.1f} s" for r in comp)]
+    eng = next((r for r in entry["rows"] if r["key"] == "engine" and r.get("step_variant")), None)
+    if eng:
+        c = eng.get("variant_choice")
+        how = "" if not c else (" (cached)" if c.get("cached") else " (chosen by measurement: " + ", ".join(
+            f"{k} {v:.3g} ms" if v is not None else f"{k} failed" for k, v in c.get("ms", {}).items()) + ")")
+        lines += ["", f"The engine defaults ran the step variant {eng['step_variant']}{how}."]
     ort = next((r for r in entry["rows"] if r["key"] == "onnxruntime" and r.get("speedup_vs_engine")), None)
     if ort:
         lines += ["", f"The step in ONNX Runtime: {ort['ms_per_step']:.1f} ms against the engine defaults' "

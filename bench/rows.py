@@ -41,6 +41,7 @@ class Row:
     needs_cuda: bool = False
     torchscript: bool = False
     compile_mode: str | None = None  # the compiled user loop's torch.compile mode
+    whole: bool = False  # the user loop's whole step under torch.compile (loss, backward, Adam, clamp)
     onnx_step: bool = False  # the export's step graphs in ONNX Runtime (--runtime onnxruntime; CPU)
 
 
@@ -51,6 +52,11 @@ ROWS = [
         "fused Adam (bench/user_loop.py)", "baseline", compile_mode="default"),
     Row("user_compile_ro", "user loop + torch.compile reduce-overhead", "baseline: the same, compiled with "
         "mode=\"reduce-overhead\" (CUDA graphs)", "baseline", needs_cuda=True, compile_mode="reduce-overhead"),
+    Row("user_whole", "user loop, whole step compiled", "baseline: loss, backward, fused Adam and clamp under one "
+        "torch.compile call (GPUs only: a minute of compiling that no CPU user would wait for)", "baseline",
+        needs_cuda=True, compile_mode="default", whole=True),
+    Row("user_whole_ro", "user loop, whole step compiled reduce-overhead", "baseline: the same with "
+        "mode=\"reduce-overhead\"", "baseline", needs_cuda=True, compile_mode="reduce-overhead", whole=True),
     Row("targets", "engine: precomputed targets", "engine reference path: fp32 NCHW eager", "engine",
         {"reference": True}),
     Row("channels_last", "+ channels-last", "fp32, channels-last network and image", "engine",
@@ -61,13 +67,17 @@ ROWS = [
         {"precision": "bf16", "memory_format": "channels_last", "cuda_graph": False}, needs_cuda=True),
     Row("fp16", "+ fp16 autocast (instead of bf16)", "fp16 convolutions with static loss scaling", "engine",
         {"precision": "fp16", "memory_format": "channels_last", "cuda_graph": False}, needs_cuda=True),
-    Row("graph", "+ CUDA graph", "bf16 + whole Adam step captured in one CUDA graph", "engine",
-        {"precision": "bf16", "memory_format": "channels_last", "cuda_graph": True}, needs_cuda=True),
-    Row("compile", "+ compiled objective (--compile)", "the defaults with the objective under torch.compile (then "
-        "captured in the CUDA graph on GPUs)", "engine", {"compile": True}),
+    Row("graph", "+ CUDA graph (--step-variant graph)", "bf16 + whole Adam step captured in one CUDA graph", "engine",
+        {"precision": "bf16", "memory_format": "channels_last", "step_variant": "graph"}, needs_cuda=True),
+    Row("compile", "+ compiled objective (--step-variant compiled)", "the objective under torch.compile (then "
+        "captured in the CUDA graph on GPUs)", "engine", {"step_variant": "compiled"}),
+    Row("kernels", "+ Triton kernels (--step-variant kernels)", "compiled, with the style taps' ReLU + Gram + loss "
+        "fused and the image update (normalisation backward, TV, Adam, clamp) in one kernel", "engine",
+        {"step_variant": "kernels"}, needs_cuda=True),
     Row("torchscript", "engine defaults on the exported TorchScript", "same as 'engine defaults', network from "
         "extractor.ts", "engine", {}, torchscript=True),
-    Row("engine", "engine defaults", "what `nst stylize` runs on this device", "engine", {}),
+    Row("engine", "engine defaults", "what `nst stylize` runs on this device (on a GPU: the step variant chosen by "
+        "measurement, the trial on an empty choice cache; its choice is recorded)", "engine", {}),
     Row("onnxruntime", "the step in ONNX Runtime (step.onnx)", "the exported step graphs (a hand-written adjoint, no "
         "autograd) in ONNX Runtime's CPU provider: --runtime onnxruntime", "engine", {"runtime": "onnxruntime"},
         onnx_step=True),
@@ -99,17 +109,17 @@ def _make_step(row: Row, size: int, device, eager_net, weights, ts_dir, cfg):
         if row.compile_mode:
             loop = UserLoop(vgg19_cut(weights.state, device), content[None].to(device), style[None].to(device),
                             base.learning_rate, base.content_weight, base.style_weight, base.tv_weight,
-                            mode=row.compile_mode)
-            return loop.step, None
+                            mode=row.compile_mode, whole=row.whole)
+            return loop.step, None, None
         loop = TutorialLoop(vgg19_features(weights.state, device), content[None].to(device), style[None].to(device),
                             base.learning_rate, base.content_weight, base.style_weight, base.tv_weight,
                             naive=(row.key == "naive"))
-        return loop.step, None
+        return loop.step, None, None
     exported = row.torchscript or row.onnx_step
     network = {"extractor": str(ts_dir)} if exported else {"weights": cfg.weights}
     settings = StylizeSettings(size=size, device=device.type, **network, **(row.settings or {}))
-    stepper = prepare(content, [(style, 1.0)], settings, extractor=None if exported else eager_net).stepper
-    return stepper.step, stepper
+    p = prepare(content, [(style, 1.0)], settings, extractor=None if exported else eager_net)
+    return p.stepper.step, p.stepper, p
 
 
 def build_row(row: Row, size: int, device, eager_net, weights, ts_dir, cfg) -> tuple[dict, object]:
@@ -136,7 +146,7 @@ def build_row(row: Row, size: int, device, eager_net, weights, ts_dir, cfg) -> t
     rss_before = RSSPeak.rss()
     with RSSPeak() as rss:
         t_setup = time.perf_counter()
-        step, stepper = _make_step(row, size, device, eager_net, weights, ts_dir, cfg)
+        step, stepper, prepared = _make_step(row, size, device, eager_net, weights, ts_dir, cfg)
         sync(device)
         out["setup_s"] = time.perf_counter() - t_setup
         t0 = time.perf_counter()
@@ -148,6 +158,10 @@ def build_row(row: Row, size: int, device, eager_net, weights, ts_dir, cfg) -> t
         sync(device)
         out["warmup_s"] = time.perf_counter() - t0
         out["capture_s"] = stepper.capture_s if stepper is not None else 0.0
+    if prepared is not None:
+        out["step_variant"] = prepared.plan.variant if prepared.plan.path == "fast" else prepared.plan.path
+        out["compile_s"] = getattr(prepared.objective, "compile_s", 0.0)
+        out["variant_choice"] = prepared.choice.to_dict() if prepared.choice is not None else None
     if device.type == "cuda":
         out["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
         out["peak_mem_kind"] = "torch.cuda.max_memory_allocated (setup, warm-up and timed steps)"
@@ -186,7 +200,7 @@ def time_rows(built: list[tuple[dict, object]], device, cfg) -> None:
 def run_size(size: int, device, eager_net, weights, ts_dir, cfg) -> list[dict]:
     """Every row at one size: built (and, on a GPU, timed) one by one, then timed round-robin."""
     rows, built = [], []
-    for row in ROWS:
+    for row in (r for r in ROWS if not cfg.rows or r.key in cfg.rows):
         log.info("size %d: %s", size, row.label)
         try:
             rec, step = build_row(row, size, device, eager_net, weights, ts_dir, cfg)

@@ -30,7 +30,7 @@ from .inputs import drawn_pair
 from .probes import environment, slug
 from .profile import profile_engine
 from .report import results_dir
-from .rows import derive, run_size
+from .rows import ROWS, derive, run_size
 from .settings import BenchSettings
 from .time_to_image import compile_cache_env, time_to_image
 from .timing import matmul_peak, time_steps
@@ -130,6 +130,9 @@ def _fresh_compile_caches(tmp: Path):
 
 
 def run(cfg: BenchSettings) -> dict:
+    unknown = [k for k in cfg.rows if k not in {r.key for r in ROWS}]
+    if unknown:
+        raise NSTError(f"--rows: no row {unknown[0]!r}; the rows are {' '.join(r.key for r in ROWS)}")
     device = resolve_device(cfg.device)
     gpu = device.type == "cuda"
     cfg = cfg.resolved(gpu)
@@ -152,7 +155,8 @@ def run(cfg: BenchSettings) -> dict:
             for size in cfg.sizes:
                 results["sizes"][str(size)] = _size_entry(size, device, eager_net, weights, ts_dir, onnx_path, cfg)
         if cfg.time_to_image:
-            results["time_to_image"] = time_to_image(device, weights.state, Path(tmp), cfg.quick)
+            results["time_to_image"] = time_to_image(device, weights.state, Path(tmp), cfg.quick,
+                                                     renders=cfg.render_list())
     if cfg.profile:
         results["profile"] = _profile(device, eager_net, cfg)
     # The peak again, at the end: the larger of the two is used for every fraction.

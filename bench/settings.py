@@ -21,6 +21,9 @@ class BenchSettings:
 
     sizes: tuple[int, ...] = option((), help="square sizes in px (default: 128 256 on CPU; 256 512 1024 2048 4096 on "
                                     "GPU)", parse=int, metavar="PX")
+    rows: tuple[str, ...] = option((), help="only these rows of the waterfall, by key (naive eager user_compile "
+                                   "user_compile_ro user_whole user_whole_ro targets channels_last tf32 bf16 fp16 graph "
+                                   "compile kernels torchscript engine onnxruntime; default: all)", metavar="KEY")
     steps: int = option(0, help="steps per timed repeat (default: 4 on CPU, 20 on GPU)")
     repeats: int = option(5, help="timed repeats; the median is reported")
     warmup: int = option(0, help="untimed steps first (default: 2 on CPU; on a GPU, 3 more than the CUDA graph's "
@@ -41,11 +44,24 @@ class BenchSettings:
     time_to_image: bool = option(True, help="also time whole renders from process start to file written, cold and "
                                  "warm compiler caches, for the engine and the fastest user loop (512 px / 500 steps "
                                  "and 2048 px / 200 steps on GPUs; 128 px / 30 steps on the CPU)")
+    renders: tuple[str, ...] = option((), help="the time-to-image renders, PX:STEPS each (default: 512:500 2048:200 "
+                                      "on GPUs, 128:30 on the CPU)", metavar="PX:STEPS")
     quick: bool = option(False, help="tiny size and few steps: proves the script works end to end, measures nothing")
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.steps < 0 or self.warmup < 0:
             raise NSTError("--repeats must be at least 1, --steps and --warmup at least 0")
+        self.render_list()
+
+    def render_list(self) -> tuple[tuple[int, int], ...]:
+        """--renders as (px, steps) pairs (empty: the device's default)."""
+        out = []
+        for spec in self.renders:
+            px, sep, steps = spec.partition(":")
+            if not (sep and px.isdigit() and steps.isdigit() and int(px) > 0 and int(steps) > 0):
+                raise NSTError(f"--renders {spec!r}: write PX:STEPS, e.g. 512:500")
+            out.append((int(px), int(steps)))
+        return tuple(out)
 
     def resolved(self, gpu: bool) -> "BenchSettings":
         """The defaults that depend on the device (and --quick) filled in."""

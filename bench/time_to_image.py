@@ -37,8 +37,11 @@ def _save(img: torch.Tensor, path: Path) -> None:
 
 
 def compile_cache_env(directory: Path) -> dict[str, str]:
-    """The environment that points inductor's and Triton's on-disk caches at ``directory``."""
-    return {"TORCHINDUCTOR_CACHE_DIR": str(directory), "TRITON_CACHE_DIR": str(directory / "triton")}
+    """The environment that points inductor's and Triton's on-disk caches at ``directory``,
+    and the engine's cache of step variants chosen by measurement (engine/variants.py): a cold
+    run pays for compiling and for the variant trial, a warm one for neither."""
+    return {"TORCHINDUCTOR_CACHE_DIR": str(directory), "TRITON_CACHE_DIR": str(directory / "triton"),
+            "NST_CACHE_DIR": str(directory / "nst")}
 
 
 def _script(path: str) -> list[str]:
@@ -73,9 +76,11 @@ def _run_once(cmd: list[str], out: Path, env: dict, timeout: float) -> dict:
     return {"s": wall}
 
 
-def time_to_image(device: torch.device, weights_state: dict, tmp: Path, quick: bool, timeout: float = 900) -> dict:
-    """{render: {command: {cold_s, warm_s}}} for the renders sized for this device."""
-    renders = QUICK_RENDERS if quick else (GPU_RENDERS if device.type == "cuda" else CPU_RENDERS)
+def time_to_image(device: torch.device, weights_state: dict, tmp: Path, quick: bool, timeout: float = 900,
+                  renders=()) -> dict:
+    """{render: {command: {cold_s, warm_s}}} for ``renders`` ((px, steps) pairs), else the renders
+    sized for this device."""
+    renders = renders or (QUICK_RENDERS if quick else (GPU_RENDERS if device.type == "cuda" else CPU_RENDERS))
     files = {"weights": tmp / "vgg19-features.pth"}
     torch.save(weights_state, files["weights"])
     results: dict = {"method": __doc__.strip().split("\n\n")[1].replace("\n", " "), "renders": {}}

@@ -55,6 +55,23 @@ def float32_math(mode: str | None):
         conv.fp32_precision, matmul.fp32_precision = saved
 
 
+@contextlib.contextmanager
+def cudnn_search(on: bool):
+    """On CUDA (``on``), let cuDNN time its convolution algorithms for each new shape
+    (``torch.backends.cudnn.benchmark``) inside the block, then restore the caller's setting:
+    the first steps (the warm-up, before a CUDA graph captures the choice) search once per
+    shape; later steps reuse the choice. Off the GPU, nothing."""
+    if not on:
+        yield
+        return
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def float32_math_now() -> dict[str, str]:
     """The float32 modes in force for cuDNN convolutions and cuBLAS matmuls (for reports)."""
     return {"cudnn_conv": torch.backends.cudnn.conv.fp32_precision,

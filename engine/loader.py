@@ -63,12 +63,13 @@ class ScriptedExtractor(nn.Module):
         VGGFeatures.check_input(self, x)  # same rules, same messages
 
     def placed(self, device: torch.device | str, channels_last: bool, checkpoint: bool = False,
-               owned: bool = False) -> "ScriptedExtractor":
+               owned: bool = False, weights_dtype: torch.dtype | None = None) -> "ScriptedExtractor":
         """This extractor on ``device``, with channels-last conv weights when asked: ``self``
         when nothing would change, else a copy (or ``self`` converted, when ``owned``). The
         copy goes through TorchScript's own serialisation: ScriptModules do not deep-copy
         reliably. (``checkpoint`` is never asked of it: its ``can_checkpoint`` is False, and the
-        plan, engine/plan.py, checkpoints only an extractor that can.)"""
+        plan, engine/plan.py, checkpoints only an extractor that can. ``weights_dtype`` is left
+        to autocast: the traced graph's casts are its own.)"""
         device = torch.device(device)
         weights = [p for p in self.scripted.parameters() if p.dim() == 4]
         here = weights[0].device if weights else device

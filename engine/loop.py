@@ -115,16 +115,17 @@ class _Best:
 
 def run(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], settings: StylizeSettings | None = None,
         extractor=None, init: str | torch.Tensor | None = None, callback: Callback | None = None,
-        stop_rule: StopRule | None = None, resume=None) -> Result:
+        stop_rule: StopRule | None = None, resume=None, trial: bool = True) -> Result:
     """Stylise ``content`` (3, H, W) with ``styles`` [((3, h, w), weight)], values in [0, 1].
 
     ``extractor`` defaults to the one ``settings`` describe (``--extractor`` export dir or
     ``--weights``); ``callback(StepInfo)`` is called before the first step and after every step.
     ``resume`` (an engine/state.py RenderState) continues from its image, optimiser state and step.
+    ``trial``: see engine/session.py prepare (False under a time budget).
     """
     t_start = time.perf_counter()
     p = prepare(content, styles, settings or StylizeSettings(), extractor,
-                init if resume is None else resume.image)
+                init if resume is None else resume.image, trial=trial)
     if resume is not None:
         check_resume(resume, p)
         p.stepper.load_state_dict(resume.optimizer)
@@ -210,7 +211,7 @@ def _new_stats(p: Prepared) -> RunStats:
         memory_format=plan.memory_format, cuda_graph=plan.cuda_graph, optimizer=p.settings.optimizer,
         float32_math=plan.float32_math or "",
         weights=str(p.weights_info.get("source", "")), checkpointing=mem.checkpoint, tile=mem.tile or 0,
-        memory_estimate_bytes=mem.bytes,
+        memory_estimate_bytes=mem.bytes, step_variant=plan.variant if plan.path == "fast" else plan.path,
     )
 
 
@@ -233,6 +234,8 @@ def _result(p: Prepared, stats: RunStats, hist: torch.Tensor, done: int, best: _
     ``final``) or the best one seen at a progress interval. A render that cannot go on
     raises, with that image: NonFiniteLossError or RankLostError."""
     stats.capture_s = p.stepper.capture_s
+    stats.compile_s = getattr(p.objective, "compile_s", 0.0)  # an objective that compiles says how long
+    stats.variant_choice = p.choice.to_dict() if p.choice is not None else None
     stats.steps_run = done - start
     stats.steps_per_s = stats.steps_run / stats.loop_s if stats.loop_s > 0 else 0.0
     h = hist[:done - start].cpu()

@@ -114,8 +114,8 @@ def _run_scales(content, styles, settings, extractor, init, callback, schedule, 
         if here is not None:
             steps_before = here.before
         try:
-            result = run(content, styles, s_k, extractor=extractor, init=image,
-                         callback=_offset(callback, steps_before, k), stop_rule=rule, resume=here)
+            result = run(content, styles, s_k, extractor=extractor, init=image, callback=_offset(callback, steps_before, k),
+                         stop_rule=rule, resume=here, trial=settings.time_budget is None)
         except RenderFailed as e:  # its best image, at the size asked for
             if e.result is not None:
                 e.result.image = resize_to(e.result.image, schedule[-1].hw)

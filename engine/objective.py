@@ -26,11 +26,13 @@ capture, so the mode is the default).
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from .device import sync
 from .losses import LossSpec
 from .plan import StepPlan
 from .settings import StylizeSettings
@@ -94,6 +96,7 @@ class WholeImage:
         self.math = problem.math
         self.loss_scale = loss_scale  # fp16: the backward runs on the loss times this
         self.compiled = compile
+        self.compile_s = 0.0  # compiled: the first call's seconds (the compile, and one step)
         self._run = _compiled(self._evaluate) if compile else self._evaluate
 
     def _range(self, name: str):
@@ -109,15 +112,28 @@ class WholeImage:
             return p.spec.parts(x, feats, p.targets.content, p.targets.grams)  # (4,)
 
     def losses(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled:
+            # The compiled function as the steps call it (grad mode, an input that requires
+            # grad): under no_grad it would compile once more, at the end of every render
+            # and scale. Its backward is never run.
+            with torch.enable_grad():
+                return self._run(x.detach().clone().requires_grad_(True)).detach()
         with torch.no_grad():
             return self._run(x)
 
     def losses_and_grad(self, x: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:
+        first = self.compiled and not self.compile_s
+        if first:
+            sync(x.device)
+            t0 = time.perf_counter()
         parts = self._run(x)
         scale = grad_scale * (self.loss_scale or 1.0)
         (parts[0] * scale if scale != 1.0 else parts[0]).backward()
         if self.loss_scale:
             x.grad.mul_(1.0 / self.loss_scale)  # unscaled before anyone reads it
+        if first:
+            sync(x.device)
+            self.compile_s = time.perf_counter() - t0
         return parts.detach()
 
 

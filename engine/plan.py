@@ -33,6 +33,9 @@ class StepPlan:
     compile: bool = False  # the objective under torch.compile (engine/objective.py)
     memory: MemoryEstimate | None = None  # None: no size given, the machine's part only
     world: int = 1  # ranks that share every step's tiles (--distributed)
+    # Which step runs (engine/variants.py): eager | graph | compiled | kernels; "auto" until
+    # prepare has chosen it by measurement (a GPU with no cached choice; engine/session.py).
+    variant: str = "eager"
 
     @property
     def tile(self) -> int | None:
@@ -68,7 +71,7 @@ class StepPlan:
 
 
 def _machine(settings: StylizeSettings) -> StepPlan:
-    """Device, precision, layout, graph and compile, from the settings and the machine."""
+    """Device, precision, layout and the step variant (graph, compile), from the settings and the machine."""
     if settings.runtime == "onnxruntime":
         # ONNX Runtime's CPU provider runs the export's step graphs: float32, NCHW (engine/onnx_runtime.py).
         return StepPlan("cpu", "fp32", False, False, "onnxruntime")
@@ -82,14 +85,40 @@ def _machine(settings: StylizeSettings) -> StepPlan:
     if device == "cpu":
         if prec in ("bf16", "fp16", "tf32"):
             raise InputError(f"--precision {prec} needs a CUDA GPU; on the CPU the engine runs float32")
-        return StepPlan("cpu", "fp32", channels_last, False, "fast", settings.compile)
+        return with_variant(StepPlan("cpu", "fp32", channels_last, False, "fast"), _cpu_variant(settings))
     bf16_ok = torch.cuda.is_bf16_supported()
     if prec == "auto":
         prec = "bf16" if bf16_ok else "fp32"
     if prec == "bf16" and not bf16_ok:
         raise InputError("--precision bf16: this GPU does not support bfloat16; use fp16 or fp32")
-    graph = settings.cuda_graph and settings.optimizer == "adam"
-    return StepPlan("cuda", prec, channels_last, graph, "fast", settings.compile)
+    return with_variant(StepPlan("cuda", prec, channels_last, False, "fast"), _cuda_variant(settings),
+                        settings.cuda_graph and settings.optimizer == "adam")
+
+
+def _cpu_variant(settings: StylizeSettings) -> str:
+    v = "compiled" if settings.compile else settings.step_variant
+    if v in ("graph", "kernels"):
+        raise InputError(f"--step-variant {v} needs a CUDA GPU (CUDA graphs, Triton kernels); the CPU runs eager "
+                         "or compiled")
+    return "eager" if v == "auto" else v  # the CPU default: what measured fastest there
+
+
+def _cuda_variant(settings: StylizeSettings) -> str:
+    if settings.step_variant != "auto":
+        return settings.step_variant
+    if settings.compile:
+        return "compiled"
+    if settings.optimizer != "adam" or not settings.cuda_graph:
+        return "eager"  # L-BFGS is not captured; without a graph the candidates are not what the trial compares
+    return "auto"  # chosen by measurement (engine/variants.py, in engine/session.py)
+
+
+def with_variant(plan: StepPlan, variant: str, graph: bool = True) -> StepPlan:
+    """``plan`` running ``variant``: compile for compiled and kernels, a CUDA graph for every
+    variant but eager (on CUDA, with Adam, unless ``graph`` is off)."""
+    compile = variant in ("compiled", "kernels")
+    captured = plan.device == "cuda" and graph and variant in ("graph", "compiled", "kernels", "auto")
+    return dataclasses.replace(plan, variant=variant, compile=compile, cuda_graph=captured)
 
 
 def resolve_plan(settings: StylizeSettings, out_hw: tuple[int, int] | None = None, style_hws=(),
@@ -116,5 +145,5 @@ def resolve_plan(settings: StylizeSettings, out_hw: tuple[int, int] | None = Non
         mem = dataclasses.replace(mem, tile=None)  # one tile is the plain step with a second forward: run plain
     if mem.tile:
         # A tiled step loops over crops of several shapes in Python: no CUDA graph, no compile.
-        plan = dataclasses.replace(plan, cuda_graph=False, compile=False)
+        plan = dataclasses.replace(plan, cuda_graph=False, compile=False, variant="eager")
     return dataclasses.replace(plan, memory=mem, world=world)

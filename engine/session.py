@@ -50,13 +50,15 @@ class Prepared:
     content_img: torch.Tensor  # (1, 3, H, W) on the device
     out_hw: tuple[int, int]
     weights_info: dict
+    choice: object = None  # engine/variants.py Choice: how the step variant was chosen, where it was
 
     @property
     def memory(self) -> MemoryEstimate:
         return self.plan.memory
 
 
-def place_network(net, device: torch.device, channels_last: bool, checkpoint: bool = False, owned: bool = False):
+def place_network(net, device: torch.device, channels_last: bool, checkpoint: bool = False, owned: bool = False,
+                  weights_dtype: torch.dtype | None = None):
     """The network the engine runs: on ``device``, in the layout asked for.
 
     Modules that know how (the eager extractor, a loaded TorchScript extractor) return
@@ -66,7 +68,7 @@ def place_network(net, device: torch.device, channels_last: bool, checkpoint: bo
     to reach another one.
     """
     if hasattr(net, "placed"):
-        return net.placed(device, channels_last, checkpoint, owned=owned)
+        return net.placed(device, channels_last, checkpoint, owned=owned, weights_dtype=weights_dtype)
     param = next(iter(net.parameters()), None) if hasattr(net, "parameters") else None
     if param is None or same_device(param.device, device):
         return net
@@ -129,23 +131,36 @@ def build_objective(extractor, content, styles, settings: StylizeSettings, plan:
     with float32_math(plan.float32_math):
         targets = compute_targets(ref_net, content_img, style_imgs, content_layers, style_layers, settings.gram_norm,
                                   settings.content_norm, tile=plan.tile, network=settings.network, ranks=ranks)
-    net = place_network(ref_net, device, plan.channels_last, plan.checkpoint, owned=ours or ref_net is not extractor)
+    # The loop's network: its own layout, and under autocast its convolutions' weights cast once.
+    net = place_network(ref_net, device, plan.channels_last, plan.checkpoint, owned=ours or ref_net is not extractor,
+                        weights_dtype=plan.autocast_dtype)
     problem = Problem.build(net, targets, settings, plan)
+    return make_objective(problem, plan, settings, ranks), targets, content_img, style_imgs
+
+
+def make_objective(problem: Problem, plan: StepPlan, settings: StylizeSettings, ranks=None) -> Objective:
+    """The objective the plan asks for, on ``problem``: the whole image (compiled or not), the
+    fused one of the kernels variant, tiles, or tiles shared across ranks."""
     loss_scale = settings.loss_scale if plan.precision == "fp16" else None
-    if plan.tile is None:
-        objective = WholeImage(problem, plan.compile, loss_scale)
-    elif ranks is None:
-        objective = Tiles(problem, plan.tile, settings.network, loss_scale)
-    else:
-        objective = SharedTiles(problem, plan.tile, settings.network, loss_scale, ranks)
-    return objective, targets, content_img, style_imgs
+    if plan.tile is not None:
+        if ranks is None:
+            return Tiles(problem, plan.tile, settings.network, loss_scale)
+        return SharedTiles(problem, plan.tile, settings.network, loss_scale, ranks)
+    if plan.variant == "kernels":
+        from .fused import FusedObjective
+
+        return FusedObjective(problem, plan.compile, loss_scale)
+    return WholeImage(problem, plan.compile, loss_scale)
 
 
 def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], settings: StylizeSettings,
-            extractor=None, init: str | torch.Tensor | None = None) -> Prepared:
+            extractor=None, init: str | torch.Tensor | None = None, trial: bool = True) -> Prepared:
     """Decide the plan, place the network, compute the targets once, build the stepper.
 
     content: (3, H, W) and styles [((3, h, w), weight)], values in [0, 1], on any device.
+    ``trial``: where the step variant is chosen by measurement and no choice is cached, time
+    the candidates (engine/variants.py); False under a time budget, whose calibration times
+    what runs (the compiled step, unless a choice is cached).
     """
     resolve_plan(settings)  # the machine's part, refused (a missing GPU...) before any weights are read
     ours = extractor is None  # loaded here: ours to convert in place
@@ -176,8 +191,63 @@ def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], set
         # network converts its input to channels-last inside.)
         x = x.contiguous(memory_format=torch.channels_last)
     x = x.detach().requires_grad_(True)  # (1, 3, H, W) float32, the only thing optimised
-    stepper = make_stepper(objective, x, settings, plan)
-    return Prepared(settings, plan, stepper, objective, x, targets, content_img, out_hw, weights_info)
+    if plan.variant == "auto":  # a GPU, Adam, a CUDA graph: the step that runs is chosen by measurement
+        plan, objective, x, stepper, choice = choose_step(objective, x, settings, plan, trial)
+    else:
+        stepper, choice = make_stepper(objective, x, settings, plan), None
+    return Prepared(settings, plan, stepper, objective, x, targets, content_img, out_hw, weights_info, choice)
+
+
+def choose_step(objective, x0: torch.Tensor, settings: StylizeSettings, plan: StepPlan, trial: bool = True):
+    """The step variant for a plan that leaves it to measurement (engine/variants.py): the
+    cached choice for this GPU, torch, size bucket, precision and step; else, with ``trial``,
+    each candidate built on its own copy of the start image, timed, and the fastest that
+    passes the parity check kept (restarted from the start image: what it compiled and
+    captured is the render's); else the compiled step. Returns (plan, objective, x, stepper,
+    choice)."""
+    from . import variants
+    from .fused import eligible
+    from .kernels import enabled as kernels_enabled
+    from .plan import with_variant
+
+    problem = objective.problem
+    names = ["graph", "compiled"]
+    why_not = eligible(problem) or (None if kernels_enabled() else "Triton is not importable, or NST_TRITON=0")
+    if why_not is None:
+        names.append("kernels")
+    step = {"network": settings.network, "pool": settings.pool, "taps": ",".join(problem.net.taps),
+            "layout": plan.memory_format, "extractor": type(problem.net).__name__, "kernels": why_not is None}
+    key = variants.choice_key(variants.device_name(x0.device), torch.__version__, tuple(x0.shape[-2:]),
+                              plan.precision, step)
+    path = variants.cache_path(settings.variant_cache)
+    built = {}
+
+    def build(name: str):
+        p = with_variant(plan, name)
+        obj = make_objective(problem, p, settings)
+        x = x0.detach().clone().requires_grad_(True)  # its own image (x0's memory format)
+        built[name] = (p, obj, x)
+        return make_stepper(obj, x, settings, p)
+
+    choice = variants.cached_choice(key, path)
+    if choice is not None and choice.variant in names:
+        stepper = build(choice.variant)
+    elif not trial:
+        choice = variants.Choice("compiled", "no cached choice, and a --time-budget has no time for a trial: the "
+                                 "compiled step (its calibration times it)", key=key)
+        stepper = build("compiled")
+    else:
+        rtol = 2e-2 if plan.autocast_dtype is not None else 1e-3
+        candidates = [variants.Candidate(n, lambda n=n: build(n)) for n in names]
+        choice, stepper = variants.trial(candidates, variants.default_timer(plan.device), rtol)
+        choice.key = key
+        if why_not is not None:
+            choice.errors["kernels"] = why_not
+        variants.record(choice, path)
+        stepper.restart(x0.detach())
+    p, obj, x = built[choice.variant]
+    log.info("step variant: %s (%s)", choice.variant, "cached" if choice.cached else choice.reason)
+    return p, obj, x, stepper, choice
 
 
 def _prepare_onnx(content, styles, settings: StylizeSettings, graphs, init) -> Prepared:

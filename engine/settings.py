@@ -32,6 +32,8 @@ LR_SCHEDULES = ("constant", "step", "cosine")
 LR_UNITS = ("pixel", "imagenet")
 BUDGET_PLANS = ("adaptive", "equal")
 RUNTIMES = ("torch", "onnxruntime")
+# engine/variants.py: which step runs; auto = measured on a GPU (cached), eager on the CPU.
+STEP_VARIANTS = ("auto", "eager", "graph", "compiled", "kernels")
 # Mean of torchvision's ImageNet std: one step of size lr in normalised units moves a
 # [0, 1] pixel by about lr * 0.226 (per channel within 1.3%).
 IMAGENET_STD_MEAN = sum(IMAGENET_STD) / len(IMAGENET_STD)
@@ -116,11 +118,22 @@ class StylizeSettings:
     runtime: str = option("torch", help="what runs the steps: torch (the engine), or onnxruntime (the step graphs of "
                           "an `nst export` directory given with --extractor: ONNX Runtime on the CPU, float32, no "
                           "autograd)", choices=RUNTIMES, loop_only=True)
+    step_variant: str = option(
+        "auto", help="which step runs: eager; graph (the eager step captured in a CUDA graph); compiled (the objective "
+        "under torch.compile, then captured); kernels (compiled, with the Triton kernels for the style taps and the "
+        "image update). auto: on a GPU, each candidate is timed at the first render of a size bucket and the fastest "
+        "that passes a parity check runs (the choice is cached, see --variant-cache; under --time-budget without a "
+        "cached choice, compiled); on the CPU, eager (it measured fastest there). --compile is --step-variant "
+        "compiled; --no-cuda-graph leaves the capture out of any variant; --reference runs the reference path instead",
+        choices=STEP_VARIANTS, loop_only=True)
+    variant_cache: str | None = option(None, help="the file that keeps the step variants chosen on this machine (default: "
+                                       "$NST_CACHE_DIR, $XDG_CACHE_HOME/nst or ~/.cache/nst, step-variants.json)",
+                                       metavar="FILE", loop_only=True)
     cuda_graph: bool = option(True, help="on CUDA with Adam, capture the whole step in a CUDA graph", loop_only=True)
     compile: bool = option(False, help="compile the objective (network, Grams, losses) with torch.compile, static "
-                           "shapes, one compile per size; with --cuda-graph the compiled step is then captured. The first "
-                           "run at a size compiles (seconds to a minute); later runs reuse inductor's on-disk cache. Off "
-                           "by default: on the CPU it measured no faster (bench/results/)", loop_only=True)
+                           "shapes, one compile per size (the same as --step-variant compiled); with --cuda-graph the "
+                           "compiled step is then captured. The first run at a size compiles (seconds to a minute); "
+                           "later runs reuse inductor's on-disk cache", loop_only=True)
     loss_scale: float = option(1024.0, help="static loss scale for fp16 (gradients are unscaled before the update)",
                                loop_only=True)
     tile: int | None = option(None, help="exact tiled steps: tile interiors of about PX (a multiple of 16), each "
@@ -206,6 +219,7 @@ class StylizeSettings:
 
     def _check_combinations(self) -> None:
         self._check_runtime()
+        self._check_variant()
         if self.lr_units == "imagenet" and self.optimizer == "lbfgs":
             raise InputError("--lr-units imagenet is for Adam: L-BFGS's steps do not depend on the pixel units")
         if self.reference and self.precision not in ("auto", "fp32"):
@@ -225,6 +239,24 @@ class StylizeSettings:
         if self.reference and self.memory_format == "channels_last":
             raise InputError("--reference runs NCHW; it cannot be combined with --memory-format channels_last")
 
+    def _check_variant(self) -> None:
+        """--step-variant against the flags that also say how the step runs: no contradictions."""
+        v = self.step_variant
+        if v == "auto":
+            return
+        if self.reference:
+            raise InputError(f"--reference runs the plain eager reference path; it cannot be combined with --step-variant {v}")
+        if self.compile and v in ("eager", "graph"):
+            raise InputError(f"--compile is --step-variant compiled; it cannot be combined with --step-variant {v}")
+        if not self.cuda_graph and v == "graph":
+            raise InputError("--step-variant graph is the eager step captured in a CUDA graph; --no-cuda-graph "
+                             "contradicts it (use --step-variant eager)")
+        if self.optimizer == "lbfgs" and v in ("graph", "kernels"):
+            raise InputError(f"--step-variant {v} is an Adam step; L-BFGS runs eager or compiled")
+        tiled = self.tile is not None or self.distributed
+        if tiled and v != "eager":
+            raise InputError(f"tiled steps (--tile, --distributed) run eagerly; --step-variant {v} does not apply")
+
     def _check_runtime(self) -> None:
         if self.runtime != "onnxruntime":
             return
@@ -233,6 +265,7 @@ class StylizeSettings:
                              "--extractor DIR (nst export writes them)")
         asked = [flag for flag, on in (("--tile", self.tile is not None), ("--distributed", self.distributed),
                                        ("--compile", self.compile), ("--checkpointing on", self.checkpointing == "on"),
+                                       (f"--step-variant {self.step_variant}", self.step_variant != "auto"),
                                        ("--device cuda", self.device == "cuda"),
                                        (f"--precision {self.precision}", self.precision not in ("auto", "fp32")),
                                        ("--memory-format channels_last", self.memory_format == "channels_last"))

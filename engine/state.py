@@ -30,7 +30,7 @@ FORMAT = "nst-render-state-1"
 RUN_FIELDS = frozenset({
     "steps", "progress_every", "time_limit", "time_budget", "device", "precision", "memory_format", "reference",
     "cuda_graph", "compile", "loss_scale", "tile", "checkpointing", "memory_limit", "distributed", "rank_timeout",
-    "budget_plan", "move_on", "runtime",
+    "budget_plan", "move_on", "runtime", "step_variant", "variant_cache",
 })
 
 

@@ -24,6 +24,9 @@ class RunStats:
     setup_s: float = 0.0  # targets (and everything else before the first step)
     loop_s: float = 0.0  # wall time of the steps, synchronised
     capture_s: float = 0.0  # CUDA graph capture, included in loop_s
+    compile_s: float = 0.0  # torch.compile: the first compiled call (the compile, and one step), included in loop_s
+    step_variant: str = ""  # which step ran (engine/variants.py): eager, graph, compiled, kernels
+    variant_choice: dict | None = None  # how it was chosen: the candidates' ms per step, the reason, cached or not
     steps_per_s: float = 0.0
     size: tuple[int, int] = (0, 0)
     device: str = ""

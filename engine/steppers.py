@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from .device import float32_math
+from .device import cudnn_search, float32_math
 from .errors import InputError
 from .objective import Objective
 from .plan import StepPlan
@@ -55,6 +55,7 @@ class AdamStep:
 
     def __init__(self, objective: Objective, x: torch.Tensor, lr: float, plan: StepPlan, scheduled: bool = False):
         self.objective, self.x = objective, x
+        self.on_cuda = plan.device == "cuda"
         if plan.path == "reference":
             kw = {"foreach": False}
         elif plan.device == "cuda":
@@ -98,51 +99,79 @@ class AdamStep:
         return parts
 
     def step(self) -> torch.Tensor:
-        with float32_math(self.objective.math):
+        with float32_math(self.objective.math), cudnn_search(self.on_cuda):
             self.opt.zero_grad(set_to_none=True)
             return self._body()
 
+    def restart(self, x0: torch.Tensor) -> None:
+        """Start again from the image x0 with a fresh Adam state, keeping what was compiled
+        and captured (the step-variant trial hands its winner to the render this way)."""
+        with torch.no_grad():
+            self.x.copy_(x0)
+            for st in self.opt.state.values():
+                for v in st.values():
+                    if isinstance(v, torch.Tensor):
+                        v.zero_()  # exp_avg, exp_avg_sq and the step count, in place: a graph reads them
 
-class GraphAdamStep(AdamStep):
-    """The Adam step captured in a CUDA graph after a few eager warm-up steps.
 
-    Every call is one real optimisation step: the first GRAPH_WARMUP_STEPS run eagerly on
-    a side stream, the next one captures and then replays, later ones only replay.
-    """
+class Captured:
+    """A step body run eagerly on a side stream for GRAPH_WARMUP_STEPS calls (cuDNN's
+    algorithm search, compiles, optimiser state), then captured in one CUDA graph on the
+    next call and replayed on every later one. Every call is one real optimisation step.
+    ``before_capture()`` runs just before the capture (gradients set to None, so that the
+    backward allocates them from the graph's pool)."""
 
     warmup_steps = GRAPH_WARMUP_STEPS + 1
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, body, before_capture=None):
+        self.body, self.before_capture = body, before_capture
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_parts: torch.Tensor | None = None
+        self.static: torch.Tensor | None = None
         self.side = torch.cuda.Stream()
         self.capture_s = 0.0
 
-    def step(self) -> torch.Tensor:
-        with float32_math(self.objective.math):  # the graph captures the kernels chosen under it
-            return self._step()
-
-    def _step(self) -> torch.Tensor:
+    def __call__(self) -> torch.Tensor:
         if self.calls < GRAPH_WARMUP_STEPS:
             self.calls += 1
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
-                self.opt.zero_grad(set_to_none=True)
-                parts = self._body()
+                out = self.body()
             torch.cuda.current_stream().wait_stream(self.side)
-            return parts
+            return out
         if self.graph is None:
             t0 = time.perf_counter()
-            self.opt.zero_grad(set_to_none=True)  # grads get allocated from the graph's pool
+            if self.before_capture is not None:
+                self.before_capture()
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.static_parts = self._body()
+                self.static = self.body()
             self.capture_s = time.perf_counter() - t0
         self.calls += 1
         self.graph.replay()
-        return self.static_parts
+        return self.static
+
+
+class GraphAdamStep(AdamStep):
+    """The Adam step captured in a CUDA graph after a few eager warm-up steps (``Captured``)."""
+
+    warmup_steps = Captured.warmup_steps
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.captured = Captured(self._zeroed_body, lambda: self.opt.zero_grad(set_to_none=True))
+
+    @property
+    def capture_s(self) -> float:
+        return self.captured.capture_s
+
+    def _zeroed_body(self) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        return self._body()
+
+    def step(self) -> torch.Tensor:
+        with float32_math(self.objective.math), cudnn_search(self.on_cuda):  # the graph captures the kernels chosen
+            return self.captured()
 
 
 class LBFGSStep:
@@ -202,9 +231,14 @@ class LBFGSStep:
 
 
 def make_stepper(objective: Objective, x: torch.Tensor, settings: StylizeSettings, plan: StepPlan) -> Stepper:
-    """The stepper for ``settings.optimizer`` on this plan, optimising ``x`` in place."""
+    """The stepper for ``settings.optimizer`` on this plan, optimising ``x`` in place (the
+    ``kernels`` variant: engine/fused.py's, on its fused objective)."""
     if settings.optimizer == "lbfgs":
         return LBFGSStep(objective, x, settings.learning_rate, settings.lbfgs_history)
+    if plan.variant == "kernels":
+        from .fused import FusedAdamStep
+
+        return FusedAdamStep(objective, x, settings.learning_rate, plan.cuda_graph)
     scheduled = settings.lr_schedule != "constant"
     cls = GraphAdamStep if plan.cuda_graph else AdamStep
     return cls(objective, x, settings.learning_rate, plan, scheduled)

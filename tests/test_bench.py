@@ -5,6 +5,8 @@ import math
 
 import pytest
 
+from nst.engine.errors import NSTError
+
 from nst.bench.flops import conv_forward_flops, step_flops
 from nst.cli import main
 
@@ -35,10 +37,11 @@ def test_quick_benchmark_end_to_end(tmp_path, capfd):
     assert data["peaks_flops"]["fp32"] > 0
     rows = data["sizes"]["64"]["rows"]
     keys = [r["key"] for r in rows]
-    assert keys == ["naive", "eager", "user_compile", "user_compile_ro", "targets", "channels_last", "tf32", "bf16",
-                    "fp16", "graph", "compile", "torchscript", "engine", "onnxruntime"]
+    assert keys == ["naive", "eager", "user_compile", "user_compile_ro", "user_whole", "user_whole_ro", "targets",
+                    "channels_last", "tf32", "bf16", "fp16", "graph", "compile", "kernels", "torchscript", "engine",
+                    "onnxruntime"]
     for r in rows:
-        if r["key"] in ("user_compile_ro", "tf32", "bf16", "fp16", "graph"):
+        if r["key"] in ("user_compile_ro", "user_whole", "user_whole_ro", "tf32", "bf16", "fp16", "graph", "kernels"):
             assert r["applicable"] is False and r["reason"] == "needs CUDA"  # listed, not dropped
             continue
         for field in ("steps_per_s", "ms_per_step", "tflops", "peak_fraction", "peak_mem_bytes", "flops_per_step",
@@ -46,6 +49,8 @@ def test_quick_benchmark_end_to_end(tmp_path, capfd):
             assert isinstance(r[field], (int, float)) and math.isfinite(r[field]) and r[field] > 0, (r["key"], field)
         assert len(r["repeats_ms_per_step"]) == 2
     assert {r["best_baseline"] for r in rows if r.get("steps_per_s")} <= {"naive", "eager", "user_compile"}
+    assert rows[keys.index("engine")]["step_variant"] == "eager"  # the CPU's default, what measured fastest there
+    assert rows[keys.index("compile")]["step_variant"] == "compiled" and rows[keys.index("compile")]["compile_s"] > 0
     ort = rows[keys.index("onnxruntime")]  # the exported step in ONNX Runtime, with its ratio to the engine's
     assert ort["speedup_vs_engine"] > 0 and "The step in ONNX Runtime" in (tmp_path / "quick.md").read_text()
     tti = data["time_to_image"]["renders"]["64 px / 2 steps"]
@@ -60,6 +65,20 @@ def test_quick_benchmark_end_to_end(tmp_path, capfd):
     out, err = capfd.readouterr()  # file descriptors: what the C++ libraries print too
     assert "| naive eager" in out
     assert "gpuGetDeviceCount" not in err and "USDT" not in err, err
+
+
+def test_bench_rows_and_renders_are_checked(tmp_path, capsys):
+    """--rows picks rows by key and --renders sets the time-to-image renders; a key that is
+    no row, or a render that is not PX:STEPS, is one line and no results."""
+    from nst.bench.settings import BenchSettings
+
+    assert BenchSettings(renders=("512:500", "64:2")).render_list() == ((512, 500), (64, 2))
+    for bad in ("512", "x:3", "512:0"):
+        with pytest.raises(NSTError, match="PX:STEPS"):
+            BenchSettings(renders=(bad,))
+    code = main(["-q", "bench", "--device", "cpu", "--rows", "eager", "nope", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "no row 'nope'" in err[0] and not list(tmp_path.iterdir())
 
 
 def test_flop_formula():

@@ -73,3 +73,39 @@ def test_cuda_compiled_graph_step_matches_eager_bf16(hw):
     le = torch.stack([eager.stepper.step() for _ in range(8)])
     lc = torch.stack([comp.stepper.step() for _ in range(8)])
     torch.testing.assert_close(lc, le, rtol=2e-2, atol=1e-6)
+
+
+_SECOND_RUN = """
+import json, time, torch
+from torch._dynamo.utils import counters
+from nst.engine.session import prepare
+from nst.engine.settings import StylizeSettings
+s = StylizeSettings(size=40, compile=True, weights="random:4", content_layers="relu2_1",
+                    style_layers="relu1_1,relu2_1", device="cpu")
+g = torch.Generator().manual_seed(0)
+p = prepare(torch.rand(3, 40, 40, generator=g), [(torch.rand(3, 40, 40, generator=g), 1.0)], s)
+t0 = time.perf_counter()
+p.stepper.step()
+print(json.dumps({"s": time.perf_counter() - t0, "inductor": dict(counters["inductor"]),
+                  "aot": dict(counters["aot_autograd"])}))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_at_the_same_size_reuses_the_compiled_step(tmp_path):
+    """Inductor's FX graph cache and AOTAutograd's cache (on disk) hold the compiled step:
+    the second run at a size compiles nothing (counted by torch's own counters), and its
+    first step is measured several times faster than the first run's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), NST_OFFLINE="1")
+    runs = [json.loads(subprocess.run([sys.executable, "-c", _SECOND_RUN], env=env, capture_output=True, text=True,
+                                      check=True).stdout.strip().splitlines()[-1]) for _ in range(2)]
+    cold, warm = runs
+    assert cold["inductor"].get("fxgraph_cache_miss", 0) > 0 and "fxgraph_cache_hit" not in cold["inductor"]
+    assert warm["inductor"].get("fxgraph_cache_hit", 0) > 0 and "fxgraph_cache_miss" not in warm["inductor"]
+    assert warm["aot"].get("autograd_cache_hit", 0) > 0
+    assert warm["s"] < cold["s"] / 2, runs
