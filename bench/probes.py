@@ -5,11 +5,10 @@ from __future__ import annotations
 import platform
 import re
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
-from nst.engine.device import float32_math_now
+from nst.engine.device import cpu_name, float32_math_now
 
 
 def environment(device) -> dict:
@@ -36,16 +35,6 @@ def environment(device) -> dict:
     else:
         env["device"] = f"CPU: {env['cpu']} ({torch.get_num_threads()} threads)"
     return env
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def driver() -> str | None:

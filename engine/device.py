@@ -4,6 +4,8 @@ float32 math runs on it (IEEE or TF32)."""
 from __future__ import annotations
 
 import contextlib
+import platform
+from pathlib import Path
 
 import torch
 
@@ -19,6 +21,17 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA GPU is available to PyTorch")
     return torch.device(device)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for reports and the step-variant cache's keys."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def same_device(here: torch.device, device: torch.device) -> bool:

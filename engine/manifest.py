@@ -61,15 +61,19 @@ def read_manifest(directory: str | Path) -> dict:
     return data
 
 
-def check_embedded(embedded: str, manifest: dict, path: Path) -> None:
-    """Refuse a manifest that disagrees with the description embedded in the artefact
-    ``path`` (a JSON text; empty for files written before it was embedded)."""
+def _described(embedded: str, path: Path) -> dict:
+    """The description an artefact carries (a JSON text; empty for files written before it was embedded)."""
     if not embedded:
         raise ManifestError(f"{path} carries no description of itself ({EMBEDDED_NAME}): re-export it")
     try:
-        inside = json.loads(embedded)
+        return json.loads(embedded)
     except json.JSONDecodeError:
         raise ManifestError(f"{path}: its embedded description is not JSON; re-export it") from None
+
+
+def check_embedded(embedded: str, manifest: dict, path: Path) -> None:
+    """Refuse a manifest that disagrees with the description embedded in the artefact ``path``."""
+    inside = _described(embedded, path)
     for key in BOUND_FIELDS:
         mine = manifest["input"]["min_side"] if key == "min_side" else manifest.get(key)
         if key in inside and inside[key] != mine:
@@ -83,12 +87,7 @@ def check_step_embedded(embedded: str, manifest: dict, graph: str, path: Path) -
     """Refuse a manifest whose entry for step graph ``graph`` (``artefacts.step.graphs``)
     disagrees with the description the file carries: its layers, norms, inputs and
     outputs, and the network and pooling of the manifest."""
-    if not embedded:
-        raise ManifestError(f"{path} carries no description of itself ({EMBEDDED_NAME}): re-export it")
-    try:
-        inside = json.loads(embedded)
-    except json.JSONDecodeError:
-        raise ManifestError(f"{path}: its embedded description is not JSON; re-export it") from None
+    inside = _described(embedded, path)
     entry = manifest.get("artefacts", {}).get("step", {}).get("graphs", {}).get(graph, {})
     for key, value in inside.items():
         mine = manifest.get(key) if key in ("network", "pool") else entry.get(key)

@@ -52,17 +52,11 @@ def device_name(device) -> str:
     """The GPU model (or the CPU's), for the key of a choice."""
     import torch
 
+    from .device import cpu_name
+
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "cpu"
+    return cpu_name()
 
 
 def size_bucket(hw: tuple[int, int]) -> int:

@@ -60,16 +60,21 @@ def _name_dims_and_describe(path: Path, describe: dict) -> None:
     model = onnx.load(str(path))
     model.metadata_props.append(onnx.StringStringEntryProto(key=EMBEDDED_NAME, value=json.dumps(describe)))
     dims = model.graph.input[0].type.tensor_type.shape.dim
-    names = {dims[i].dim_param: new for i, new in ((0, "batch"), (2, "height"), (3, "width")) if dims[i].dim_param}
+    rename_dims(model, {dims[i].dim_param: new for i, new in ((0, "batch"), (2, "height"), (3, "width"))
+                        if dims[i].dim_param})
+    onnx.save(model, str(path))
+
+
+def rename_dims(model, names: dict[str, str]) -> None:
+    """Rename symbolic dimensions everywhere in ``model`` (inputs, outputs, value infos),
+    also inside expressions such as ``floor(s77/2)``: {exporter's symbol: new name}."""
     if not names:
-        onnx.save(model, str(path))
         return
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
     for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
         for d in value.type.tensor_type.shape.dim:
             if d.dim_param:
                 d.dim_param = pattern.sub(lambda m: names[m.group(1)], d.dim_param)
-    onnx.save(model, str(path))
 
 
 def check(path: Path, eager: torch.nn.Module, xs: list[torch.Tensor]) -> dict:

@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from nst.engine.layers import layer_by_name, min_side
 from nst.engine.manifest import EMBEDDED_NAME, STEP_FILES, STEP_WEIGHTS_NAME
 
 from .shapes import guard_free_pooling_shapes
+from .to_onnx import rename_dims
 from .step_graph import ADAM_BETAS, ADAM_EPS, ObjectiveGraph, StepGraph, TargetsGraph
 
 _ALIGN = 65536  # external tensors start at multiples of this: ONNX Runtime can map them
@@ -238,13 +238,7 @@ def _name_dims(model, spec: StepSpec, network: str) -> None:
         for i, n in new.items():
             if dims[i].dim_param and dims[i].dim_param not in names:
                 names[dims[i].dim_param] = n
-    if not names:
-        return
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
-    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
-        for d in value.type.tensor_type.shape.dim:
-            if d.dim_param:
-                d.dim_param = pattern.sub(lambda m: names[m.group(1)], d.dim_param)
+    rename_dims(model, names)
 
 
 def _embed(model, description: dict) -> None:
