@@ -355,3 +355,23 @@ def test_nst_stylize_runs_in_onnxruntime_as_the_engine_does(default_export, tmp_
         assert len(err) == 1 and why in err[0] and not (tmp_path / "x.png").exists()
     assert _cli(tmp_path, "--runtime", "onnxruntime", "-o", str(tmp_path / "x.png")) == 1
     assert "--extractor DIR" in capsys.readouterr().err
+
+
+def test_a_budget_calibrates_the_onnxruntime_step(default_export):
+    """Under --time-budget the planner calibrates each scale with the runtime's own prepare
+    and step (no trial, no torch extractor): costs measured, a schedule allocated."""
+    import time
+
+    from nst.engine.budget import allocate, calibrate
+    from nst.engine.loader import extractor_for
+    from nst.engine.settings import StylizeSettings
+
+    out, _, _, _ = default_export
+    s = StylizeSettings(extractor=str(out), runtime="onnxruntime", size=64, scales="48", time_budget=1000,
+                        device="cpu")
+    graphs = extractor_for(s)  # the step graphs take the extractor's place
+    content, style = (torch.rand(3, 48, 64, generator=torch.Generator().manual_seed(i)) for i in (31, 32))
+    schedule = calibrate(content, [(style, 1.0)], s, graphs, s.scale_sizes(), 1000.0, time.perf_counter(), 5.0)
+    assert [sc.size for sc in schedule] == [48, 64] and all(sc.cost.step_s > 0 for sc in schedule)
+    allocate(schedule, 100.0)
+    assert all(sc.steps > 0 for sc in schedule) and sum(sc.planned_s for sc in schedule) <= 100.0
