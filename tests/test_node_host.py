@@ -155,7 +155,7 @@ def test_node_host_errors_are_one_line(job, tmp_path):
         ((_edited(job, tmp_path, "nostep", unwritten), c, s, out), "has no step graphs (the step graphs are float32"),
         ((_edited(job, tmp_path, "gone", drop=("objective.onnx",)), c, s, out), "step file objective.onnx is missing"),
         ((_edited(job, tmp_path, "hash", hashed), c, s, out), "step_weights.bin: SHA-256 does not match"),
-        ((exp, c, s, out, "--steps", "0"), "--steps 0: expected a whole number of at least 1"),
+        ((exp, c, s, out, "--steps", "0"), "--steps 0: expected a whole number >= 1"),
         ((exp, c, s, tmp_path / "no" / "o.png"), "its directory does not exist"),
     ]
     for args, why in cases:
@@ -194,8 +194,8 @@ def served(job, tmp_path):
     server.server_close()
 
 
-def _page(url: str) -> dict:
-    r = subprocess.run(["node", "step_page.js", url], cwd=BROWSER, capture_output=True, text=True, timeout=600)
+def _page(url: str, *pick) -> dict:
+    r = subprocess.run(["node", "step_page.js", url, *map(str, pick)], cwd=BROWSER, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -221,6 +221,12 @@ def test_web_page_matches_python(served, job, python_run):
         image = np.asarray(im.convert("RGB")).astype(np.int16)
     moved = np.abs(py_image - _pixels(job / "content.png")).mean()
     assert image.shape == py_image.shape and np.abs(image - py_image).mean() < 0.1 * moved
+    # The form: the export directory and the two images picked as a user would, the default
+    # weights; its first evaluation (of the content image) has the run's unweighted style term.
+    res = _page(f"{served}/web/index.html", job / "exp", job / "content.png", job / "style.png", 2)
+    assert res.get("state") == "done" and not res["offsite"] and not res["errors"], res
+    assert len(res["nst"]["losses"]) == 2
+    np.testing.assert_allclose(res["nst"]["losses"][0][2], web[0, 2], rtol=1e-6, atol=0)  # style: weights apart
     # A manifest it does not understand: the page says so, and stops.
     res = _page(f"{served}/web/index.html?export=/v2&content=/job/content.png&style=/job/style.png")
     assert res.get("state") == "error" and "version 2; this page reads nst-extractor version 1" in res["nst"]["error"]

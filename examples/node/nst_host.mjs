@@ -5,7 +5,7 @@
 //
 //   node nst_host.mjs EXPORT_DIR CONTENT.png STYLE.png OUT.png [--steps 300] [--lr 0.02]
 //     [--content-weight 1] [--style-weight 1e6] [--tv-weight 1] [--print-every 25]
-//     [--threads N] [--losses FILE] [--size WxH]
+//     [--threads N (0: ONNX Runtime's default)] [--losses FILE] [--size WxH]
 //
 // The render is the content image's size (Node has no resize; --size only checks it); the
 // style image may be any size of at least the manifest's min_side. Errors: one line, exit 1.
@@ -30,11 +30,11 @@ function options(argv) {
   if (a.positionals.length !== 4) fail("usage: node nst_host.mjs EXPORT_DIR CONTENT.png STYLE.png OUT.png [options]");
   const o = { dir: a.positionals[0], content: a.positionals[1], style: a.positionals[2], out: a.positionals[3],
     losses: a.values.losses, size: a.values.size };
-  for (const [k, int] of [["steps", 1], ["lr", 0], ["content-weight", 0], ["style-weight", 0], ["tv-weight", 0],
-    ["print-every", 1], ["threads", 1]]) {
+  for (const [k, int, min] of [["steps", 1, 1], ["lr", 0, 0], ["content-weight", 0, 0], ["style-weight", 0, 0],
+    ["tv-weight", 0, 0], ["print-every", 1, 1], ["threads", 1, 0]]) {
     const v = Number(a.values[k]);
-    if (!Number.isFinite(v) || v < 0 || (int && !Number.isInteger(v)) || (k === "steps" || k === "print-every") && v < 1)
-      fail(`--${k} ${a.values[k]}: expected a ${int ? "whole" : ""} number${k === "steps" ? " of at least 1" : " >= 0"}`);
+    if (!Number.isFinite(v) || v < min || (int && !Number.isInteger(v)))
+      fail(`--${k} ${a.values[k]}: expected a ${int ? "whole number" : "number"} >= ${min}`);
     o[k.replace(/-(\w)/g, (_, c) => c.toUpperCase())] = v;
   }
   return o;
@@ -51,8 +51,8 @@ function readManifest(dir) {
   if (!step?.written) fail(`${dir} has no step graphs${step?.reason ? ` (${step.reason})` : ""}: export with --formats step`);
   for (const g of GRAPHS)
     if (!step.graphs?.[g]?.file || !Array.isArray(step.graphs[g].inputs)) fail(`${file}: no ${g} graph in its step entry`);
-  if (!Array.isArray(step.content_layers) || !Array.isArray(step.style_layers) || !step.weights_file?.file)
-    fail(`${file}: the step entry has no layers or weights file; re-export`);
+  if (!Array.isArray(step.content_layers) || !Array.isArray(step.style_layers) || !step.weights_file?.file ||
+    !Number.isInteger(step.graphs.step.min_side)) fail(`${file}: the step entry has no layers, min_side or weights file; re-export`);
   for (const f of [...GRAPHS.map((g) => step.graphs[g]), step.weights_file]) {
     const p = path.join(dir, f.file);
     if (!fs.existsSync(p)) fail(`${dir}: step file ${f.file} is missing`);
@@ -123,6 +123,8 @@ async function main(o) {
   const zeros = () => new ort.Tensor("float32", new Float32Array(3 * h * w), [1, 3, h, w]);
   let state = { image: f32(content.data, content.dims), exp_avg: zeros(), exp_avg_sq: zeros(), step: f32([0], []) };
   const lr = f32([o.lr], []), lines = [], fmt = (l) => Array.from(l, (v) => v.toPrecision(9)).join(" ");
+  const unfed = step.graphs.step.inputs.find((n) => ({ ...state, lr, ...fixed })[n] === undefined);
+  if (unfed) fail(`step.onnx takes ${unfed}, which this host cannot feed (an export from another nst version?)`);
   const t1 = performance.now();
   for (let i = 0; i < o.steps; i++) {
     const r = await s.step.run({ ...state, lr, ...fixed });

@@ -6,6 +6,8 @@
 //                           until the run is done or failed, prints one JSON line: the page's
 //                           window.nst (losses, final_loss, the image as a data URL...), the
 //                           requests that left the page's origin, and the page's errors
+//   node step_page.js URL EXPORT_DIR CONTENT STYLE STEPS   the same, through the page's form: picks
+//                           the export directory and the two PNGs, sets the steps, presses Run
 //
 // Launched as live_page.js does: the Debian browser, a fresh profile, nothing that reaches the
 // network on its own.
@@ -19,7 +21,7 @@ const ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "
   "--disable-background-networking", "--disable-component-update", "--disable-sync"];
 const WAIT_MS = Number(process.env.NST_PAGE_WAIT_MS || 540000);
 
-async function check(url) {
+async function check(url, pick) {
   const profile = fs.mkdtempSync(path.join(os.tmpdir(), "nst-chromium-"));
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium", headless: true, args: ARGS,
@@ -31,6 +33,14 @@ async function check(url) {
     page.on("pageerror", (e) => result.errors.push(String(e)));
     page.on("console", (m) => { if (m.type() === "error") result.errors.push(m.text()); });
     await page.goto(url);
+    if (pick.length) {
+      const [dir, content, style, steps] = pick;
+      await page.setInputFiles("#dir", dir);
+      await page.setInputFiles("#content", content);
+      await page.setInputFiles("#style", style);
+      await page.fill("#steps", steps);
+      await page.click("#run");
+    }
     await page.waitForFunction(() => /done|error/.test(document.body.dataset.state), null, { timeout: WAIT_MS });
     result.state = await page.evaluate(() => document.body.dataset.state);
     result.nst = await page.evaluate(() => window.nst);
@@ -48,7 +58,7 @@ async function check(url) {
   console.log(JSON.stringify(result));
 }
 
-check(process.argv[2]).catch((e) => {
+check(process.argv[2], process.argv.slice(3)).catch((e) => {
   console.error(String(e));
   process.exit(1);
 });
