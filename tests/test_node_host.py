@@ -156,6 +156,7 @@ def test_node_host_errors_are_one_line(job, tmp_path):
         ((_edited(job, tmp_path, "gone", drop=("objective.onnx",)), c, s, out), "step file objective.onnx is missing"),
         ((_edited(job, tmp_path, "hash", hashed), c, s, out), "step_weights.bin: SHA-256 does not match"),
         ((exp, c, s, out, "--steps", "0"), "--steps 0: expected a whole number >= 1"),
+        ((exp, c, s, out, "--steps", "2", "--style-weight", "1e45"), "step 1: the loss is Infinity"),
         ((exp, c, s, tmp_path / "no" / "o.png"), "its directory does not exist"),
     ]
     for args, why in cases:

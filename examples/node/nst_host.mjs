@@ -113,7 +113,7 @@ async function main(o) {
   const t0 = performance.now();
   const fromContent = await s.targets.run({ image: content }), fromStyle = await s.targets.run({ image: style });
   const f32 = (a, dims) => new ort.Tensor("float32", Float32Array.from(a), dims);
-  const fixed = {  // the targets (one style: its Grams unblended) and the weights, as OnnxObjective feeds them
+  const fixed = {  // the targets (one style image: blend weight 1) and the weights, as OnnxObjective feeds them
     ...Object.fromEntries(step.content_layers.map(([n]) => [`content_${n}`, fromContent[`content_${n}`]])),
     ...Object.fromEntries(step.style_layers.map(([n]) => [`gram_${n}`, fromStyle[`gram_${n}`]])),
     content_layer_weights: f32(step.content_layers.map(([, wt]) => wt), [step.content_layers.length]),
@@ -130,6 +130,7 @@ async function main(o) {
     const r = await s.step.run({ ...state, lr, ...fixed });
     const l = r.losses.data;  // [total, content, style, tv] of the image this step started from
     lines.push(fmt(l));
+    if (!Number.isFinite(l[0])) fail(`step ${i + 1}: the loss is ${l[0]}; lower --lr or the loss weights`);
     if (i % o.printEvery === 0 || i === o.steps - 1)
       console.log(`step ${i + 1}/${o.steps} loss ${l[0].toPrecision(6)} (content ${l[1].toPrecision(4)}, style ${l[2].toPrecision(4)}, tv ${l[3].toPrecision(4)})`);
     state = { image: r.next_image, exp_avg: r.next_exp_avg, exp_avg_sq: r.next_exp_avg_sq, step: r.next_step };
