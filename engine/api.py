@@ -44,7 +44,8 @@ def stylize(content, style, settings: StylizeSettings | None = None, extractor=N
     ``progress_file=FILE`` appends its progress for ``nst watch FILE`` (engine/live.py).
     Returns a :class:`nst.engine.stats.Result`: ``.image`` (3, H, W), ``.stats``, and what
     the render says about itself: ``.report`` (its schedule of scales, planned against
-    actual) and ``.diagnosis`` (why a render that never improved did not; else None).
+    actual) and ``.diagnosis`` (why a render that never improved did not, or, under 10 steps,
+    that it has not yet; else None).
     """
     if recipe is not None:
         from .recipes import settings as recipe_settings
@@ -66,5 +67,6 @@ def stylize(content, style, settings: StylizeSettings | None = None, extractor=N
             result = render(content_t, styles, settings, extractor=extractor, init=init,
                             callback=chain(bar, callback, live.callback), on_schedule=on_schedule)
     result.report = report + outcome_lines(result.stats, settings, result.stats.total_s)
-    result.diagnosis = diagnose(result.stats, settings, recipe)
+    found = diagnose(result.stats, settings, recipe)
+    result.diagnosis = None if found is None else found.text
     return result

@@ -1,4 +1,5 @@
-"""Small file helpers: where a file may be written, atomic writes, hashing.
+"""Small file helpers: where a file may be written, atomic writes, hashing, outputs that
+must not be inputs.
 
 Every file the program writes goes through ``atomic_path``: it writes a temporary file
 beside the target and renames it onto the target only when complete. A symlink is written
@@ -13,6 +14,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -120,3 +122,44 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _identity(path: str | os.PathLike) -> tuple[str, tuple[int, int] | None]:
+    """(the real path, (device, inode) of an existing file or None): two names of one file
+    agree in the first (links, '..', symlinks) or, for hard links, in the second."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return real, None
+    return real, (st.st_dev, st.st_ino)
+
+
+def check_distinct(inputs: list[tuple[str, str]], outputs: list[tuple[str, str]],
+                   patterns: list[tuple[str, str, re.Pattern]] = ()) -> None:
+    """Refuse, before any work, an output that is an input or another output: the same
+    path, or the same file through a symlink or a hard link. ``inputs`` and ``outputs`` are
+    (label, path) pairs; ``patterns`` are (label, directory, regex of file names) for
+    numbered outputs (``--save-every``'s files): the files of that directory that match are
+    outputs too (one may be an input, or a link to one)."""
+    for label, directory, names in patterns:
+        for other_label, other in outputs:
+            if os.path.realpath(os.path.dirname(os.path.abspath(other))) == os.path.realpath(directory) \
+                    and names.fullmatch(os.path.basename(other)):
+                raise OutputError(f"{label} would write {other}, which is the {other_label}: name another file")
+    outputs = list(outputs)
+    for label, directory, names in patterns:
+        with contextlib.suppress(OSError):
+            outputs += [(label, os.path.join(directory, n)) for n in sorted(os.listdir(directory))
+                        if names.fullmatch(n)]
+    ins = [(label, path, _identity(path)) for label, path in inputs]
+    seen: list[tuple[str, str, tuple]] = []
+    for label, path in outputs:
+        ident = _identity(path)
+        for k, (other_label, other, other_ident) in enumerate(ins + seen):
+            if ident[0] == other_ident[0] or (ident[1] is not None and ident[1] == other_ident[1]):
+                how = "" if os.path.abspath(path) == os.path.abspath(other) else " (the same file under another name)"
+                role = "an input" if k < len(ins) else "another output"
+                raise OutputError(f"{label} {path} is the {other_label} {other}{how}: an output must not replace "
+                                  f"{role}; name another file")
+        seen.append((label, path, ident))

@@ -11,6 +11,7 @@ are the callback's business (engine/progress.py, nst/stylize_command.py), not th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from .device import float32_math, sync
 from .errors import InputError, NonFiniteLossError, RankLostError
 from .session import Prepared, prepare
 from .settings import StylizeSettings
+from .signals import step_boundary
 from .sizes import wxh
 from .stats import Result, RunStats
 
@@ -42,6 +44,14 @@ class StepInfo:
     # the image for --resume); read it at progress intervals only.
     optimizer_state: Callable[[], dict] | None = None
     opening: bool = False  # the call before the first step (a progress bar opens)
+    # One more call after a stop (a signal, the time limit, the move-on rule, a lost rank),
+    # with the step the loop stopped at: the image and the optimiser's state are those after
+    # ``step`` whole steps, for --state (engine/signals.py step_boundary). Not made when the
+    # loop ran all its steps (the last step is a progress interval) or the loss was not finite.
+    closing: bool = False
+    # The scale's record for a state file (engine/state.py RenderState): {first_loss,
+    # best_loss, best_step, best_image (None: the best image is x)}; a host sync.
+    record: Callable[[], dict] | None = None
 
     @property
     def render_step(self) -> int:
@@ -100,17 +110,41 @@ class _Pace:
 
 
 class _Best:
-    """The best image seen at a progress interval (the losses are only read there)."""
+    """The best image seen at a progress interval (the losses are only read there); a
+    resumed render starts from the state's record (engine/state.py)."""
 
-    def __init__(self, x: torch.Tensor):
+    def __init__(self, x: torch.Tensor, resume=None):
         self.snap = torch.empty_like(x, memory_format=torch.preserve_format).detach()
         self.image = torch.empty_like(self.snap)
         self.loss, self.step = math.inf, -1
+        if resume is not None and resume.best_step >= 0:
+            self.loss, self.step = resume.best_loss, resume.best_step
+            self.image.copy_(resume.image if resume.best_image is None else resume.best_image)
 
     def offer(self, loss: float, step: int, image: torch.Tensor, ties: bool = False) -> None:
         if loss < self.loss or (ties and loss == self.loss):
             self.loss, self.step = loss, step
             self.image.copy_(image)
+
+
+class _History:
+    """The losses [total, content, style, tv] of each step run, on the device (written
+    without a host sync), in a buffer that grows with the run: --steps may be far more than
+    ever run (a time limit, a budget's final scale), and nothing is allocated for them."""
+
+    def __init__(self, device: torch.device, first: int):
+        self.buf = torch.full((max(1, min(first, 1024)), 4), math.nan, device=device)  # (capacity, 4)
+
+    def row(self, k: int) -> torch.Tensor:
+        """Row ``k`` (4,), growing the buffer (doubling, on the device) when it is full."""
+        if k >= self.buf.shape[0]:
+            grown = torch.full((2 * self.buf.shape[0], 4), math.nan, device=self.buf.device)
+            grown[:self.buf.shape[0]].copy_(self.buf)
+            self.buf = grown
+        return self.buf[k]
+
+    def first(self, n: int) -> torch.Tensor:
+        return self.buf[:n]
 
 
 def run(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], settings: StylizeSettings | None = None,
@@ -129,7 +163,7 @@ def run(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], setting
     if resume is not None:
         check_resume(resume, p)
         p.stepper.load_state_dict(resume.optimizer)
-    return optimize(p, callback, t_start, stop_rule, start=0 if resume is None else resume.step)
+    return optimize(p, callback, t_start, stop_rule, resume=resume)
 
 
 def check_resume(resume, p: Prepared) -> None:
@@ -142,54 +176,28 @@ def check_resume(resume, p: Prepared) -> None:
 
 
 def optimize(p: Prepared, callback: Callback | None = None, t_start: float | None = None,
-             stop_rule: StopRule | None = None, start: int = 0) -> Result:
+             stop_rule: StopRule | None = None, resume=None) -> Result:
     """Run the steps of a prepared render; ``settings.time_limit`` counts from ``t_start``;
-    ``stop_rule`` may end it early at a progress interval; ``start``: the steps already done
-    (a resumed render: the loop goes on from there, with the learning rate of that step)."""
+    ``stop_rule`` may end it early at a progress interval; ``resume`` (engine/state.py's
+    RenderState, its optimiser state already loaded): the loop goes on from its step, with
+    the learning rate of that step and the state's record (first loss, best image)."""
     s, stepper, x = p.settings, p.stepper, p.x
     t_start = time.perf_counter() if t_start is None else t_start
     stats = _new_stats(p)
-    start = min(start, s.steps)
-    hist = torch.full((s.steps - start, 4), float("nan"), device=x.device)  # per step run [total, content, style, tv]
-    best = _Best(x)
-    scheduled = s.lr_schedule != "constant"
+    start = 0 if resume is None else min(resume.step, s.steps)
+    stats.resumed_from = start
+    hist = _History(x.device, s.steps - start)
+    best = _Best(x, resume)
     deadline = None if s.time_limit is None else t_start + s.time_limit
     sync(x.device)
     stats.setup_s = time.perf_counter() - t_start
     t0 = time.perf_counter()
-    pace = _Pace(t0, asynchronous=x.device.type == "cuda")
-    done = start
-    state = getattr(stepper, "state_dict", None)
+    run = _Run(p, callback, stop_rule, stats, hist, best, start, t0, None if resume is None else resume.first_loss)
     if callback is not None:
-        callback(StepInfo(start, s.steps, None, 0.0, x, optimizer_state=state, opening=True))
+        callback(StepInfo(start, s.steps, None, 0.0, x, optimizer_state=run.state, opening=True))
     try:
         try:
-            for i in range(start, s.steps):
-                if deadline is not None and i > start and pace.next_done() > deadline:
-                    stats.stopped = "time-limit"  # the next step would end past the limit
-                    break
-                report = i % s.progress_every == 0 or i == s.steps - 1
-                if report:
-                    best.snap.copy_(x.detach())  # the image this step evaluates
-                if scheduled:
-                    stepper.set_lr(s.lr_at(i))
-                hist[i - start].copy_(stepper.step())
-                done = i + 1
-                losses = hist[i - start].tolist() if report else None  # host sync: progress interval only
-                pace.issued(synced=report)
-                if losses is not None:
-                    if not all(math.isfinite(v) for v in losses):
-                        stats.stopped = "non-finite"
-                        break
-                    best.offer(losses[0], i, best.snap)
-                if callback is not None:
-                    callback(StepInfo(done, s.steps, losses, (done - start) / max(time.perf_counter() - t0, 1e-9), x,
-                                      optimizer_state=state))
-                if losses is not None and stop_rule is not None:
-                    why = stop_rule(i, losses[0])  # the loss after i steps (this step evaluated it)
-                    if why:
-                        stats.stopped, stats.stop_reason = "moved-on", why
-                        break
+            run.steps(deadline)
         except KeyboardInterrupt:
             stats.stopped = "interrupted"
         sync(x.device)
@@ -201,7 +209,85 @@ def optimize(p: Prepared, callback: Callback | None = None, t_start: float | Non
         # render ends with its best image, as RankLostError (see _result).
         stats.stopped, stats.stop_reason, final = "rank-lost", str(e), math.nan
         stats.loop_s = stats.loop_s or time.perf_counter() - t0
-    return _result(p, stats, hist, done, best, t_start, start, final)
+    if math.isfinite(final):
+        best.offer(final, run.done, x.detach(), ties=True)  # on a tie, the image with more steps
+    stats.first_loss = run.first_loss()
+    if callback is not None and stats.stopped not in (None, "non-finite") and not run.torn:
+        record = run.recorder()
+        with contextlib.suppress(KeyboardInterrupt):  # a later signal: the image is still to be written
+            callback(StepInfo(run.done, s.steps, None, run.rate(), x, optimizer_state=run.state, closing=True,
+                              record=record))
+    return _result(p, stats, hist, run.done, best, t_start, start)
+
+
+class _Run:
+    """The steps of one ``optimize``: what it has done so far (``done``) and whether a step
+    was cut inside its update (``torn``)."""
+
+    def __init__(self, p: Prepared, callback, stop_rule, stats: RunStats, hist: _History, best: _Best, start: int,
+                 t0: float, first: float | None):
+        self.p, self.callback, self.stop_rule, self.stats = p, callback, stop_rule, stats
+        self.hist, self.best, self.start, self.t0 = hist, best, start, t0
+        self.done, self.torn = start, False
+        self.state = getattr(p.stepper, "state_dict", None)
+        self.first = first  # a resumed render's first loss (from its state)
+
+    def rate(self) -> float:
+        return (self.done - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+
+    def first_loss(self) -> float:
+        """The loss of the scale's first evaluation (NaN before it); a host sync."""
+        if self.first is not None:
+            return self.first
+        return float(self.hist.first(1)[0, 0]) if self.done > self.start else math.nan
+
+    def recorder(self) -> Callable[[], dict]:
+        """The scale's record for a state file (engine/state.py), read when asked (a host sync)."""
+        best, done = self.best, self.done
+
+        def record() -> dict:
+            image = None if best.step == done else best.image.detach().float().cpu()
+            return {"first_loss": self.first_loss(), "best_loss": best.loss, "best_step": best.step,
+                    "best_image": image}
+        return record
+
+    def steps(self, deadline: float | None) -> None:
+        """Step until the end, a stop or a non-finite loss; ``torn`` tells whether a step
+        was cut inside its update (its image and optimiser state cannot be saved then)."""
+        s, stepper, x, stats, best = self.p.settings, self.p.stepper, self.p.x, self.stats, self.best
+        scheduled = s.lr_schedule != "constant"
+        pace = _Pace(self.t0, asynchronous=x.device.type == "cuda")
+        for i in range(self.start, s.steps):
+            if deadline is not None and i > self.start and pace.next_done() > deadline:
+                stats.stopped = "time-limit"  # the next step would end past the limit
+                break
+            report = i % s.progress_every == 0 or i == s.steps - 1
+            if report:
+                best.snap.copy_(x.detach())  # the image this step evaluates
+            if scheduled:
+                stepper.set_lr(s.lr_at(i))
+            with step_boundary() as b:  # a stop signal during the update waits for the step to be counted
+                try:
+                    self.hist.row(i - self.start).copy_(stepper.step())
+                finally:
+                    self.torn = b.torn
+                self.done = i + 1
+            losses = self.hist.row(i - self.start).tolist() if report else None  # host sync: progress interval only
+            pace.issued(synced=report)
+            if losses is not None:
+                if not all(math.isfinite(v) for v in losses):
+                    stats.stopped = "non-finite"
+                    break
+                best.offer(losses[0], i, best.snap)
+            if self.callback is not None:
+                record = self.recorder() if losses is not None else None
+                self.callback(StepInfo(self.done, s.steps, losses, self.rate(), x, optimizer_state=self.state,
+                                       record=record))
+            if losses is not None and self.stop_rule is not None:
+                why = self.stop_rule(i, losses[0])  # the loss after i steps (this step evaluated it)
+                if why:
+                    stats.stopped, stats.stop_reason = "moved-on", why
+                    break
 
 
 def _new_stats(p: Prepared) -> RunStats:
@@ -228,33 +314,37 @@ def _final_loss(p: Prepared, stats: RunStats) -> float:
     return math.nan
 
 
-def _result(p: Prepared, stats: RunStats, hist: torch.Tensor, done: int, best: _Best, t_start: float,
-            start: int, final: float) -> Result:
-    """Fill in the statistics and pick the returned image: the final image (its loss
-    ``final``) or the best one seen at a progress interval. A render that cannot go on
-    raises, with that image: NonFiniteLossError or RankLostError."""
+def _result(p: Prepared, stats: RunStats, hist: _History, done: int, best: _Best, t_start: float,
+            start: int) -> Result:
+    """Fill in the statistics and pick the returned image: the best one seen (the final image
+    was offered last). A render that cannot go on raises, with that image:
+    NonFiniteLossError or RankLostError; so does one whose every loss was non-finite."""
     stats.capture_s = p.stepper.capture_s
     stats.compile_s = getattr(p.objective, "compile_s", 0.0)  # an objective that compiles says how long
     stats.variant_choice = p.choice.to_dict() if p.choice is not None else None
     stats.steps_run = done - start
     stats.steps_per_s = stats.steps_run / stats.loop_s if stats.loop_s > 0 else 0.0
-    h = hist[:done - start].cpu()
+    h = hist.first(done - start).cpu()
     stats.loss, stats.content, stats.style, stats.tv = (h[:, k].tolist() for k in range(4))
-    if math.isfinite(final):
-        best.offer(final, done, p.x.detach(), ties=True)  # on a tie, the image with more steps
     stats.final_loss, stats.image_from_step = best.loss, best.step
     stats.total_s = time.perf_counter() - t_start
     result = None
+    if best.step < 0 and stats.stopped == "interrupted":
+        # Stopped before any loss was read, and again in the final evaluation: the image
+        # the steps ended on, unevaluated.
+        best.image.copy_(p.x.detach())
+        best.step = stats.image_from_step = done
     if best.step >= 0:
         image = best.image.detach().float().clamp(0, 1)
         if p.settings.original_colors:
             image = original_colors(image, p.content_img)
         result = Result(image[0].contiguous().cpu(), stats)
-    if stats.stopped == "non-finite":
-        raise NonFiniteLossError(_nonfinite_message(hist[:done - start], p, best.step, start), result)
     if stats.stopped == "rank-lost":
         kept = f"the best image so far is from step {best.step}" if best.step >= 0 else "no image was reached"
         raise RankLostError(f"{stats.stop_reason}; {kept}", result)
+    if stats.stopped == "non-finite" or result is None:
+        stats.stopped = stats.stopped or "non-finite"
+        raise NonFiniteLossError(_nonfinite_message(h, p, best.step, start), result)
     return result
 
 

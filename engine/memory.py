@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from .errors import InputError
 from .layers import deepest, layer_by_name, layers_upto, tile_halo
 from .sizes import wxh
-from .tiling import TILE_SIZES, tile_interior
+from .tiling import TILE_SIZES, tile_interior, tiles_for
 
 GiB = 1024**3
 
@@ -43,6 +43,7 @@ class MemoryEstimate:
     device: str
     tile: int | None = None  # exact tiled steps with tiles of this many px (engine/tiles.py)
     tiled_bytes: int = 0  # the estimate with those tiles
+    tile_work: tuple[int, float] = (0, 0.0)  # (tiles, pixels a step computes per image pixel): ``tile_work``
 
     @property
     def bytes(self) -> int:
@@ -53,9 +54,18 @@ class MemoryEstimate:
         avail = "unknown" if self.available_bytes is None else f"{self.available_bytes / GiB:.2f} GiB"
         mode = "activation checkpointing" if self.checkpoint else "plain"
         if self.tile:
-            mode = f"exact tiled steps, {self.tile} px tiles ({self.tiled_bytes / GiB:.2f} GiB)"
+            n, work = self.tile_work
+            cost = f"; {n} tiles, each step computes {work:.1f}x the image's pixels (their halos)" if n else ""
+            mode = f"exact tiled steps, {self.tile} px tiles ({self.tiled_bytes / GiB:.2f} GiB{cost})"
         return (f"memory estimate for {wxh(self.size)}: estimated peak {self.estimate_bytes / GiB:.2f} GiB "
                 f"plain, {self.checkpointed_bytes / GiB:.2f} GiB checkpointed; available {avail}; using {mode}")
+
+
+def tile_work(h: int, w: int, tile: int, taps, network: str = "vgg19") -> tuple[int, float]:
+    """(number of tiles, pixels a tiled step computes per image pixel): each tile's crop
+    carries its halo, so small tiles cost many times the untiled step (two passes each)."""
+    tiles = tiles_for((h, w), tile, tuple(taps), network)
+    return len(tiles), sum((t.cy1 - t.cy0) * (t.cx1 - t.cx0) for t in tiles) / (h * w)
 
 
 def estimate_breakdown(h: int, w: int, taps: tuple[str, ...], network: str = "vgg19", act_bytes: int = 4,
@@ -165,7 +175,8 @@ def estimate_memory(h: int, w: int, taps, network: str, act_bytes: int, pool: st
     budget = None if avail is None else int(avail * 0.9)  # keep 10% for the allocator and the rest
     def tiled(t: int) -> MemoryEstimate:
         return MemoryEstimate((h, w), plain, ckpt, avail, False, device, t,
-                          estimate_tiled_bytes(h, w, t, taps, network, act_bytes, pool))
+                              estimate_tiled_bytes(h, w, t, taps, network, act_bytes, pool),
+                              tile_work(h, w, t, taps, network))
 
     if tile is not None:
         planned = tiled(tile)

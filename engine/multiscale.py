@@ -84,6 +84,8 @@ def render(content, styles, settings: StylizeSettings, extractor=None, init=None
         if resume is not None and resume.scale_index != 0:
             raise InputError("--resume: the state file is from scale "
                              f"{resume.scale_index + 1} of a multi-scale render; this render has one scale")
+        if settings.time_limit is not None:  # it counts from t_start, the render's (or the process's) start
+            settings = dataclasses.replace(settings, time_limit=_left(settings.time_limit, t_start))
         return run(content, styles, settings, extractor=extractor, init=init, callback=callback, resume=resume)
     if extractor is None:  # loaded once here, not once per scale
         extractor = extractor_for(settings)
@@ -92,15 +94,24 @@ def render(content, styles, settings: StylizeSettings, extractor=None, init=None
         raise InputError(f"--resume: the state file is from scale {resume.scale_index + 1}; this render has "
                          f"{len(schedule)}")
     outcomes = [ScaleOutcome() for _ in schedule]
+    scheduled_s = time.perf_counter() - t_start
     if on_schedule is not None:
         on_schedule(schedule, outcomes)
-    result = _run_scales(content, styles, settings, extractor, init, callback, schedule, outcomes, t_start,
-                         write_s, resume)
-    return _summary(result, schedule, outcomes, settings, t_start)
+    result, limited = _run_scales(content, styles, settings, extractor, init, callback, schedule, outcomes, t_start,
+                                  write_s, resume)
+    result.stats.schedule_s = scheduled_s
+    return _summary(result, schedule, outcomes, settings, t_start, limited)
+
+
+def _left(limit: float, t_start: float) -> float:
+    """What is left of a time limit of ``limit`` seconds from ``t_start`` (a little at least:
+    a limit already spent stops the render before its second step)."""
+    return max(1e-3, limit - (time.perf_counter() - t_start))
 
 
 def _run_scales(content, styles, settings, extractor, init, callback, schedule, outcomes, t_start, write_s, resume):
-    """Each scale in turn, the image upsampled between them; the last scale's result."""
+    """Each scale in turn, the image upsampled between them; (the last scale's result,
+    whether --time-limit ended it)."""
     image, result, steps_before = init, None, 0
     pacer = _Pacer(schedule, settings, t_start, write_s)
     for k, (scale, out) in enumerate(zip(schedule, outcomes)):
@@ -123,11 +134,12 @@ def _run_scales(content, styles, settings, extractor, init, callback, schedule, 
         st = result.stats
         out.actual_s, out.steps_run = time.perf_counter() - t0, st.steps_run
         out.first_loss, out.final_loss = (st.loss[0] if st.loss else None), st.final_loss
-        out.why = _why(st, k == len(schedule) - 1, settings.time_budget is not None)
+        limited = st.stopped == "time-limit" and pacer.limited(k)
+        out.why = "--time-limit" if limited else _why(st, k == len(schedule) - 1, settings.time_budget is not None)
         image, steps_before = result.image, steps_before + st.steps_run + (here.step if here else 0)
-        if st.stopped == "interrupted":
-            break
-    return result
+        if st.stopped == "interrupted" or limited:
+            break  # a signal, or --time-limit (not a budget's share): the render ends here
+    return result, limited
 
 
 class _Pacer:
@@ -143,6 +155,8 @@ class _Pacer:
         self.to_deadline = adaptive_budget(settings)
         self.adaptive = self.to_deadline and len(schedule) > 1
         self.end = None if budget is None else budget - budget_margin(budget) - write_s
+        self.user_limit = settings.time_limit  # --time-limit, from t_start over all scales: the earlier end wins
+        self.cut: set[int] = set()  # the scales whose time limit was --time-limit's
         if self.adaptive:
             # The final scale's guaranteed minimum, from the optimisation time the schedule had.
             self.final_min_s = FINAL_MIN_SHARE * sum(sc.initial_planned_s for sc in schedule)
@@ -165,9 +179,18 @@ class _Pacer:
                 # calibration (steps often run faster than the calibrated one): room for twice
                 # as many steps, the time limit ends it.
                 steps = 2 * scale.steps + 16
+        if self.user_limit is not None:
+            left = _left(self.user_limit, self.t_start)
+            if limit is None or left <= limit:
+                limit = left
+                self.cut.add(k)
         s_k = settings.at_scale(tuple(content.shape[-2:]), scale.size, steps=steps, time_budget=None,
                                 time_limit=limit, progress_every=every)
         return s_k, rule
+
+    def limited(self, k: int) -> bool:
+        """Whether scale ``k`` ran under --time-limit's end rather than its budget's share."""
+        return k in self.cut
 
 
 def adaptive_budget(settings: StylizeSettings) -> bool:
@@ -189,9 +212,10 @@ def _why(st, last: bool, budgeted: bool) -> str:
 
 
 def _summary(result: Result, schedule: list[ScaleSchedule], outcomes: list[ScaleOutcome], settings: StylizeSettings,
-             t_start: float) -> Result:
+             t_start: float, limited: bool = False) -> Result:
     """The result of the last scale run, with every scale's schedule and outcome in its
-    statistics, its image at the size asked for."""
+    statistics, its image at the size asked for. ``limited``: --time-limit ended it (a
+    stop the report names, not the budget's planned end)."""
     result.stats.scales = [
         {"size": sc.size, "hw": list(sc.hw), "steps_planned": sc.initial_steps or sc.steps,
          "steps_replanned": sc.steps, "steps_run": out.steps_run, "planned_s": sc.initial_planned_s or sc.planned_s,
@@ -200,7 +224,7 @@ def _summary(result: Result, schedule: list[ScaleSchedule], outcomes: list[Scale
          "final_loss": out.final_loss, "why": out.why} for sc, out in zip(schedule, outcomes) if out.actual_s > 0]
     if tuple(result.image.shape[-2:]) != schedule[-1].hw:
         result.image = resize_to(result.image, schedule[-1].hw)  # interrupted early: still the size asked for
-    if (settings.time_budget is not None and result.stats.stopped == "time-limit"
+    if (settings.time_budget is not None and result.stats.stopped == "time-limit" and not limited
             and (adaptive_budget(settings) or result.stats.steps_run >= schedule[-1].steps)):
         # The planned steps all ran (the guard did not cut anything), or, adaptive, the final
         # scale ran to the budget's end as planned.

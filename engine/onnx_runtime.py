@@ -29,6 +29,7 @@ from .fsutil import sha256_file
 from .layers import layer_by_name
 from .manifest import EMBEDDED_NAME, STEP_FILES, STEP_WEIGHTS_NAME, check_step_embedded, read_manifest
 from .losses import content_coef, style_coef
+from .signals import updating
 from .steppers import LBFGSStep
 from .targets import Targets, style_blend
 
@@ -238,6 +239,7 @@ class OnnxAdamStep:
         feed = self.objective.feed(self.x)
         feed.update(exp_avg=self.exp_avg, exp_avg_sq=self.exp_avg_sq, step=self.count,
                     lr=np.asarray(self.lr, np.float32))
+        updating()  # one call evaluates and updates: a stop signal waits for the loop's step to end
         nx, self.exp_avg, self.exp_avg_sq, self.count, losses = self.objective.graphs.sessions["step"].run(_STEP_OUT, feed)
         with torch.no_grad():
             self.x.copy_(torch.from_numpy(nx))

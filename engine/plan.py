@@ -18,7 +18,7 @@ import torch
 
 from .device import resolve_device
 from .errors import InputError
-from .memory import MemoryEstimate, estimate_memory, estimate_tiled_bytes
+from .memory import MemoryEstimate, estimate_memory, estimate_tiled_bytes, tile_work
 from .settings import StylizeSettings
 from .tiling import rank_tile, tiles_for
 
@@ -140,7 +140,8 @@ def resolve_plan(settings: StylizeSettings, out_hw: tuple[int, int] | None = Non
         # Across ranks every step is tiled, into at least one tile per rank.
         tile = mem.tile or rank_tile(out_hw, world, taps, network)
         mem = dataclasses.replace(mem, tile=tile, checkpoint=False, tiled_bytes=estimate_tiled_bytes(
-            *out_hw, tile, taps, network, plan.act_bytes, settings.pool))
+            *out_hw, tile, taps, network, plan.act_bytes, settings.pool),
+            tile_work=tile_work(*out_hw, tile, taps, network))
     elif mem.tile and len(tiles_for(out_hw, mem.tile, taps, network)) == 1:
         mem = dataclasses.replace(mem, tile=None)  # one tile is the plain step with a second forward: run plain
     if mem.tile:

@@ -45,6 +45,10 @@ import torch.distributed as dist
 from .errors import InputError, NSTError, RankLostError
 
 
+class RanksDisagree(InputError):
+    """The ranks of a distributed render do not render the same thing, or one could not start."""
+
+
 @dataclass(frozen=True)
 class Stop:
     """The render is done: the workers leave."""
@@ -97,15 +101,44 @@ class Ranks:
     device: torch.device  # where collective tensors live: cuda for NCCL, cpu for gloo
     stopped: bool = False  # the lead has sent Stop
     lost: bool = False  # a collective failed: another rank is gone (nothing more is sent)
+    agreed: bool = False  # the ranks agreed on what they render (``agree``): messages may follow
+    refused: bool = False  # the ranks refused together at the agreement: they leave together
 
     @property
     def lead(self) -> bool:
         return self.rank == 0
 
+    def agree(self, mine: dict | None, failure: BaseException | None = None) -> None:
+        """Before any work, every rank's fingerprint of what it renders (engine/state.py:
+        the settings that define the render, its decoded inputs, the network's parameters),
+        or why it could not start (``failure``), gathered on every rank (one all-gather of
+        small objects). Refused on every rank, with the first difference from the lead's or
+        the first failure, so that no rank renders something else, or waits for one that
+        will never come."""
+        from .state import first_difference
+
+        entries: list = [None] * self.world
+        mine = {"print": mine, "failure": None if failure is None else str(failure)}
+        self._call(dist.all_gather_object, entries, mine)
+        failed = [(r, e["failure"]) for r, e in enumerate(entries) if e["failure"] is not None]
+        if failed:
+            self.refused = True
+            if failure is not None:
+                raise failure
+            r, why = failed[0]
+            raise RanksDisagree(f"rank {r} of {self.world} could not start ({why}): no rank renders")
+        for r, e in enumerate(entries[1:], 1):
+            why = first_difference(entries[0]["print"], e["print"])
+            if why:
+                self.refused = True
+                raise RanksDisagree(f"rank {r} of {self.world} would render something else than the lead (rank 0): "
+                                    f"{why}; every rank needs the same input files, weights and settings")
+        self.agreed = True
+
     def stop_workers(self) -> None:
         """The lead tells the workers to stop (once; as soon as the render is done, so that
         they do not wait through the writing of the image)."""
-        if self.lead and not self.stopped and not self.lost:
+        if self.lead and self.agreed and not self.stopped and not self.lost:
             self.stopped = True
             self.send(Stop())
 
@@ -243,11 +276,15 @@ def joined(device_type: str, timeout_s: float):
         yield ranks
     except BaseException:
         # An error or a signal here: the workers are told to stop; no rank waits for another.
-        # With a rank lost nothing more is sent, and tearing the group down could wait on
-        # it: the process exits instead.
+        # Ranks that refused together at the agreement leave together. With a rank lost
+        # nothing more is sent, and tearing the group down could wait on it: the process
+        # exits instead.
         if not ranks.lost:
             with contextlib.suppress(RankLostError):
-                ranks.stop_workers()
+                if ranks.refused:
+                    ranks.together()
+                else:
+                    ranks.stop_workers()
             dist.destroy_process_group()
         _CURRENT.clear()
         raise

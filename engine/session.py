@@ -94,7 +94,8 @@ def init_image(init: str | torch.Tensor, content: torch.Tensor, styles, seed: in
 def _warn_random(weights_info: dict) -> None:
     if weights_info.get("random") and weights_info.get("source") not in _WARNED:
         _WARNED.add(weights_info.get("source"))  # once per process, not once per scale
-        log.warning("using %s: %s", weights_info.get("source"), weights_info.get("note"))
+        # Information, not a warning: -q silences it, and the command line's last line says it again.
+        log.info("using %s: %s", weights_info.get("source"), weights_info.get("note"))
 
 
 def _sizes(content, styles, settings: StylizeSettings, min_side: int) -> tuple:

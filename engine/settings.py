@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InputError
-from .layers import IMAGENET_STD, NETWORKS, POOLS, min_side, parse_layer_weights
+from .layers import IMAGENET_STD, NETWORKS, POOLS, deepest, min_side, parse_layer_weights
 from .norms import CONTENT_NORMS, GRAM_NORMS
 from .sizes import fit_long_edge, parse_wxh
 
@@ -42,6 +42,9 @@ MOVE_ON_RHO = 0.015  # the adaptive plan's rho (engine/adaptive.py); tuned in be
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes
 MAX_AUTO_SCALES = 24  # --scales auto: more means a scale factor or start that cannot be meant
 MAX_LOSS_WEIGHT = 1e30  # a weight times a loss must stay far below float32's 3.4e38
+MAX_SECONDS = 10**7  # --time-budget, --time-limit, --rank-timeout: about 116 days, more than any render is meant to run
+MAX_FACTOR = 1e6  # --style-scale, --loss-scale, --scale-factor: beyond it a value cannot be meant (and overflows)
+MAX_GIB = 2**20  # --memory-limit: a pebibyte
 INIT_KEYWORDS = ("content", "noise", "style")  # --init; anything else names an image file
 
 
@@ -140,10 +143,10 @@ class StylizeSettings:
                               "computed from a crop with its halo; loss and gradient equal the untiled ones; the memory "
                               "plan picks a tile itself when a step would not fit otherwise", metavar="PX",
                               loop_only=True)
-    distributed: bool = option(False, help="split every step's tiles over the ranks of a torchrun launch "
-                               "(NCCL on GPUs, gloo on CPUs): torchrun --nproc-per-node N -m nst stylize ...; on by "
-                               "itself when torchrun starts more than one rank; rank 0 writes the output",
-                               loop_only=True)
+    distributed: bool | None = option(None, help="split every step's tiles over the ranks of a torchrun launch "
+                                      "(NCCL on GPUs, gloo on CPUs): torchrun --nproc-per-node N -m nst stylize ...; "
+                                      "on by itself when torchrun starts more than one rank (--no-distributed is "
+                                      "refused there); rank 0 writes the output", loop_only=True)
     rank_timeout: float = option(600.0, help="with --distributed: seconds a rank waits for the others before the "
                                  "run ends with an error (the lead keeps its best image so far)", metavar="SECONDS",
                                  loop_only=True)
@@ -179,6 +182,7 @@ class StylizeSettings:
         self.resize_hw()
         self.layer_weights()
         self.scale_sizes()
+        self._check_tile()
 
     def _check_numbers(self) -> None:
         if self.size < 1:
@@ -194,12 +198,15 @@ class StylizeSettings:
                                  f"losses are float32, whose largest value is about 3.4e38), got {v}")
         if not 0 <= self.seed <= MAX_SEED:
             raise InputError(f"--seed must be an integer from 0 to 2**63-1, got {self.seed}")
-        positive = {"style_scale": self.style_scale, "loss_scale": self.loss_scale, "time_budget": self.time_budget,
-                    "time_limit": self.time_limit, "memory_limit": self.memory_limit,
-                    "rank_timeout": self.rank_timeout}
-        for name, v in positive.items():
-            if v is not None and not v > 0:
-                raise InputError(f"--{name.replace('_', '-')} must be positive, got {v}")
+        bounded = {"time_budget": (self.time_budget, MAX_SECONDS, " s"),
+                   "time_limit": (self.time_limit, MAX_SECONDS, " s"),
+                   "rank_timeout": (self.rank_timeout, MAX_SECONDS, " s"),
+                   "memory_limit": (self.memory_limit, MAX_GIB, " GiB"),
+                   "style_scale": (self.style_scale, MAX_FACTOR, ""), "loss_scale": (self.loss_scale, MAX_FACTOR, "")}
+        for name, (v, most, unit) in bounded.items():
+            # Not `v <= 0`: NaN passes that; infinity would become a step count or a timeout.
+            if v is not None and not 0 < v <= most:
+                raise InputError(f"--{name.replace('_', '-')} must be a positive number up to {most:g}{unit}, got {v}")
         if self.lr_decay_every < 1:
             raise InputError(f"--lr-decay-every must be at least 1, got {self.lr_decay_every}")
         if not 0 < self.lr_gamma <= 1:
@@ -210,12 +217,23 @@ class StylizeSettings:
             raise InputError("--lbfgs-history must be at least 1")
         if self.progress_every < 1:
             raise InputError("--progress-every must be at least 1")
-        if not self.scale_factor > 1:
-            raise InputError(f"--scale-factor must be above 1, got {self.scale_factor}")
+        if not 1 < self.scale_factor <= MAX_FACTOR:
+            raise InputError(f"--scale-factor must be above 1 (and at most {MAX_FACTOR:g}), got {self.scale_factor}")
         if self.scale_start < 1:
             raise InputError(f"--scale-start must be positive, got {self.scale_start}")
         if not 0 < self.move_on < 1:
             raise InputError(f"--move-on is a fraction of the loss per step, in (0, 1); got {self.move_on}")
+
+    def _check_tile(self) -> None:
+        """Tile edges lie on the deepest tap's stride grid (engine/tiling.py): a --tile off
+        that grid would be rounded, and run as another size than the one asked for."""
+        if self.tile is None:
+            return
+        stride = deepest(self.taps(), self.network).stride
+        if self.tile % stride:
+            up = -(-self.tile // stride) * stride
+            raise InputError(f"--tile {self.tile}: tiles lie on the {stride} px grid of the deepest layer used "
+                             f"({deepest(self.taps(), self.network).name}); use a multiple of {stride}, such as {up}")
 
     def _check_combinations(self) -> None:
         self._check_runtime()

@@ -4,6 +4,13 @@ cut short the writing of the image.
 The command line calls ``stop_on_signals()`` once; a library user keeps Python's own
 Ctrl-C handling. Either way the loop treats the resulting ``KeyboardInterrupt`` as a stop:
 it returns the best image so far (engine/loop.py).
+
+A stop between the steps, not inside an update: the loop runs each step in a
+``step_boundary``; a stepper calls ``updating()`` when its evaluation is done and its update
+(the optimiser's state and the image) begins, and a stop signal from then on waits for the
+boundary, so that the step is whole and counted (the state a graceful stop writes, --state,
+is then the state after a whole number of steps). A signal during the evaluation, the long
+part of a step, stops at once.
 """
 
 from __future__ import annotations
@@ -56,6 +63,51 @@ def stop_on_signals() -> None:
 def stop_signal() -> int | None:
     """The signal that stopped the process, if one did."""
     return _received[0] if _received else None
+
+
+class Boundary:
+    """One step of the loop (``step_boundary``): ``updating`` is set once the stepper began
+    its update; ``torn`` when an exception went through the block after that (with this
+    module's handler a stop signal cannot: the update may be partial)."""
+
+    def __init__(self):
+        self.updating = False
+        self.torn = False
+
+
+_boundaries: list[Boundary] = []  # the open step boundaries (the loop's), innermost last
+
+
+@contextlib.contextmanager
+def step_boundary():
+    """One step of the loop: a stop signal that arrives once the stepper has called
+    ``updating()`` is raised when the block ends, after the step was counted."""
+    b = Boundary()
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        _boundaries.append(b)
+    try:
+        yield b
+    except BaseException:
+        # Raised inside the update (a Ctrl-C handler other than this module's, or an error):
+        # the optimiser's state and the image may be partly updated.
+        b.torn = b.updating
+        raise
+    finally:
+        if main:
+            _boundaries.pop()
+            if b.updating:
+                _held[0] -= 1
+    if b.updating and not _held[0] and _pending:
+        raise Stopped(_pending.pop())
+
+
+def updating() -> None:
+    """Called by a stepper when its update begins (engine/steppers.py): from here to the
+    end of the loop's step a stop signal waits (outside a loop's step, nothing changes)."""
+    if _boundaries and not _boundaries[-1].updating and threading.current_thread() is threading.main_thread():
+        _boundaries[-1].updating = True
+        _held[0] += 1
 
 
 @contextlib.contextmanager

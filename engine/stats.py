@@ -19,6 +19,8 @@ class RunStats:
     tv: list[float] = field(default_factory=list)
     final_loss: float = float("nan")  # loss of the returned image
     image_from_step: int = 0  # how many steps had been applied to the returned image
+    first_loss: float = float("nan")  # the loss of the scale's first evaluation (a resumed render's: from its state)
+    resumed_from: int = 0  # steps done before this run (a resumed render's start; 0 otherwise)
     stopped: str | None = None  # None (all steps ran), "time-limit", "interrupted", "non-finite", "moved-on"
     stop_reason: str = ""  # "moved-on": why the adaptive budget plan ended this scale (engine/adaptive.py)
     setup_s: float = 0.0  # targets (and everything else before the first step)
@@ -40,6 +42,7 @@ class RunStats:
     memory_estimate_bytes: int = 0
     scales: list = field(default_factory=list)  # multi-scale: per-scale plan and outcome
     total_s: float = 0.0  # from the start of the render (or of the budget's clock) to the result
+    schedule_s: float = 0.0  # several scales or a budget: from that start to the schedule (loading, calibrating)
     optimizer: str = ""
     weights: str = ""
 

@@ -26,6 +26,7 @@ from .errors import InputError
 from .objective import Objective
 from .plan import StepPlan
 from .settings import StylizeSettings
+from .signals import updating
 
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN autotune, Adam state)
 
@@ -93,6 +94,7 @@ class AdamStep:
 
     def _body(self) -> torch.Tensor:
         parts = self.objective.losses_and_grad(self.x)  # x.grad: d total / dx
+        updating()  # a stop signal now waits for the loop's step to end (engine/signals.py)
         self.opt.step()
         with torch.no_grad():
             self.x.clamp_(0.0, 1.0)
@@ -148,6 +150,7 @@ class Captured:
                 self.static = self.body()
             self.capture_s = time.perf_counter() - t0
         self.calls += 1
+        updating()
         self.graph.replay()
         return self.static
 
@@ -221,6 +224,7 @@ class LBFGSStep:
             parts = self.objective.losses_and_grad(self.x, self.inv_scale)  # x.grad: d (loss / loss_0) / dx
             if not first:
                 first.append(parts)
+            updating()  # the rest of the step is the update (max_iter=1: no second evaluation)
             return parts[0] * self.inv_scale
 
         with float32_math(self.objective.math):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import sys
 
 from nst.engine.errors import NSTError
 
@@ -56,6 +57,8 @@ def demo_command(ds: DemoSettings, quiet: bool) -> int:
     from nst.engine.progress import progress_bar
     from nst.engine.settings import StylizeSettings
 
+    from .stylize_command import save_final, stopped_early
+
     out = output_dir(ds.out)
     weights = demo.pick_weights(ds.weights)
     random_weights = weights.startswith("random")
@@ -75,17 +78,21 @@ def demo_command(ds: DemoSettings, quiet: bool) -> int:
               "--tv-weight 0 (the defaults are set for ImageNet weights)")
     with progress_bar(not quiet) as bar:
         result = run(pil_to_tensor(content_img), [(pil_to_tensor(style_img), 1.0)], settings, callback=bar)
-    save_image(result.image, out / "result.png")
+    save_final(result.image, out / "result.png")  # a second signal waits for it
     st = result.stats
     caption = f"result: {st.steps_run} steps, {st.size[1]}x{st.size[0]}\n"
     caption += ("RANDOM weights (not trained),\nstyle weight 1e8, tv 0" if random_weights else "ImageNet VGG19")
     sheet = demo.contact_sheet([content_img, style_img, Image.open(out / "result.png")],
                                ["content (drawn by nst)", "style (drawn by nst)", caption])
     save_image(sheet, out / "sheet.png")
+    loss = f"loss {st.loss[0]:.4g} -> {st.final_loss:.4g}" if st.loss else f"loss {st.final_loss:.4g}"
     print(f"nst demo: wrote {out / 'result.png'} and {out / 'sheet.png'} ({st.steps_run} steps in "
-          f"{st.loop_s:.1f} s, {st.steps_per_s:.2f} steps/s on {st.device}; loss {st.loss[0]:.4g} -> "
-          f"{st.final_loss:.4g})")
-    return 0
+          f"{st.loop_s:.1f} s, {st.steps_per_s:.2f} steps/s on {st.device}; {loss})")
+    early = stopped_early(st)  # Ctrl-C, SIGTERM, SIGHUP: as nst stylize says it, and exits 128 + the signal
+    if early is None:
+        return 0
+    print(early[0], file=sys.stderr)
+    return early[1]
 
 
 def watch_command(ws) -> int:

@@ -7,7 +7,9 @@ into one list of options.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from nst.engine.errors import InputError
 from nst.engine.sizes import MAX_PIXELS
@@ -38,8 +40,10 @@ class StylizeJob:
                              "(decompression bombs)")
     state: str | None = option(None, help="keep a resumable state (the image and the optimiser's state) in this "
                                "file, rewritten at every progress interval", metavar="FILE")
-    resume: bool = option(False, help="continue the render whose --state FILE is given, from its last progress "
-                          "interval (the same inputs and settings; --steps may grow)")
+    resume: bool = option(False, help="continue the render whose --state FILE is given, from where it was written "
+                          "(the same inputs and settings; --steps may grow)")
+    overwrite_state: bool = option(False, help="start again over an existing --state FILE (without it, a state "
+                                   "that exists is refused: --resume continues it)")
     serve: str | None = option(None, help="serve a live page of the render (image, losses, scales, a stop button) "
                                "at [HOST:]PORT: on 127.0.0.1 unless a HOST is given, PORT 0 picks a free port; the "
                                "URL, with its token, is printed", metavar="[HOST:]PORT")
@@ -57,6 +61,44 @@ class StylizeJob:
             raise InputError("--resume needs --state FILE: the state file to continue from")
         if self.state:
             self.settings.check_resumable()
+        if self.overwrite_state and (self.resume or not self.state):
+            raise InputError("--overwrite-state starts a new render over an existing --state FILE: give --state, and "
+                             "not --resume")
+
+    def files(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[tuple[str, str, re.Pattern]]]:
+        """(inputs, outputs, numbered outputs) of the job, as (label, path) pairs and
+        (label, directory, file-name pattern): what engine/fsutil.py ``check_distinct``
+        holds apart before any work."""
+        from nst.engine.settings import INIT_KEYWORDS
+        from nst.engine.state import lock_path
+
+        from .inputs import parse_style_spec
+
+        s = self.settings
+        inputs = [("content image", self.content)] + [("style image", parse_style_spec(spec)[0]) for spec in self.style]
+        if s.init not in INIT_KEYWORDS:
+            inputs.append(("--init image", s.init))
+        if s.weights not in ("imagenet", "random") and not s.weights.startswith("random:"):
+            inputs.append(("--weights file", s.weights))
+        if s.extractor:
+            export = Path(s.extractor)
+            if export.is_dir():
+                inputs += [("--extractor file", str(f)) for f in sorted(export.iterdir()) if f.is_file()]
+        outputs = [("-o", self.output)]
+        for label, path in (("--state", self.state), ("--stats", self.stats), ("--gif", self.gif),
+                            ("--progress", self.progress)):
+            if path:
+                outputs.append((label, path))
+        if self.progress:
+            outputs.append(("--progress's image", f"{self.progress}.png"))
+        if self.state:
+            outputs.append(("--state's lock", str(lock_path(self.state))))
+        patterns = []
+        if self.save_every:
+            out = Path(self.output)
+            names = re.compile(re.escape(out.stem) + r"_\d{5,}" + re.escape(out.suffix))
+            patterns.append(("--save-every", str(out.parent), names))
+        return inputs, outputs, patterns
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -87,3 +87,60 @@ def export_dir(tmp_path_factory, weight_files) -> Path:
                        formats=("torchscript", "onnx", "pt2"))
     )
     return out
+
+
+class ReplayClock:
+    """An injected clock for budgeted renders: time passes only by the recorded cost of each
+    prepare (setup) and each step at its size, so that a budget's plan, and whether the
+    render kept it, are the same on an idle machine and a loaded one (the planner is tested,
+    not the machine). Stands in for the ``time`` module of the modules that read the clock."""
+
+    def __init__(self, setup=(0.3, 2e-5), step=(0.03, 1e-5)):
+        import time
+
+        self._time = time
+        self.now = 1000.0
+        self.setup, self.step = setup, step  # (seconds, seconds per pixel) of a prepare and of a step
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(self._time, name)
+
+    def setup_s(self, hw) -> float:
+        return self.setup[0] + self.setup[1] * hw[0] * hw[1]
+
+    def step_s(self, hw) -> float:
+        return self.step[0] + self.step[1] * hw[0] * hw[1]
+
+
+@pytest.fixture
+def replay_clock(monkeypatch):
+    """A ReplayClock in place of the real one in every module a budgeted render reads it in."""
+    import importlib
+
+    from nst.engine import budget, loop
+
+    clock = ReplayClock()
+    for name in ("nst.cli", "nst.stylize_command", "nst.engine.multiscale", "nst.engine.budget", "nst.engine.loop",
+                 "nst.bench.quality"):
+        monkeypatch.setattr(importlib.import_module(name), "time", clock)
+    real = loop.prepare
+
+    def prepare(*args, **kwargs):
+        p = real(*args, **kwargs)
+        clock.now += clock.setup_s(p.out_hw)
+        step = p.stepper.step
+
+        def timed():
+            out = step()
+            clock.now += clock.step_s(p.out_hw)
+            return out
+
+        p.stepper.step = timed
+        return p
+
+    monkeypatch.setattr(loop, "prepare", prepare)
+    monkeypatch.setattr(budget, "prepare", prepare)
+    return clock

@@ -92,7 +92,9 @@ def test_flop_formula():
 
 
 @pytest.mark.slow
-def test_quick_quality_benchmark(tmp_path, capsys):
+def test_quick_quality_benchmark(tmp_path, capsys, replay_clock):
+    """The benchmark's plumbing on an injected clock (tests/conftest.py ReplayClock): its
+    7 s budget is the clock's, so a loaded machine does not refuse it."""
     code = main(["-q", "bench-quality", "--quick", "--device", "cpu", "--out", str(tmp_path), "--name", "q"])
     assert code == 0
     data = json.loads((tmp_path / "q.json").read_text())
@@ -103,7 +105,7 @@ def test_quick_quality_benchmark(tmp_path, capsys):
     for key in ("adaptive", "equal", "single"):
         v = data[key]
         assert math.isfinite(v["final_loss"]) and v["final_loss"] > 0
-        assert v["seconds"] < data["budget_s"] + 2.0  # within the budget (plus a generous margin)
+        assert v["seconds"] <= data["budget_s"]  # within the budget: the clock is the test's
         assert 0 < v["held_out_style_distance"] < math.inf and 0 <= v["content_distance"] < math.inf
     assert set(data["goals"]) == {"adaptive_over_equal_loss", "single_budgets_to_match_adaptive"}
     md = (tmp_path / "q.md").read_text()
@@ -315,3 +317,22 @@ def test_tiles_benchmark_does_not_time_a_tiled_step_as_the_untiled_one(monkeypat
     monkeypatch.setattr(memory, "available_bytes", lambda device: 180 * 2**20)
     row = tiles._case(256, None, TileBenchSettings(quick=True).resolved(False), "cpu")
     assert row["fits"] is False and "tiles it" in row["why"]
+
+
+def test_results_name_files_not_a_machines_paths():
+    """A result records an input by its path in the repository, or by its file name: an
+    absolute path of the machine that made it means nothing in a clone (issue #27)."""
+    from pathlib import Path
+
+    from nst.bench.inputs import source_name
+    from nst.bench.report import RESULTS
+
+    assert source_name("/somewhere/else/images/astronaut.png") == "astronaut.png"
+    assert source_name(__file__) == "tests/test_bench.py"
+    for f in sorted(RESULTS.glob("*.json")):
+        data = json.loads(f.read_text())
+        for key in ("content", "style"):
+            if isinstance(data, dict) and isinstance(data.get(key), str):
+                assert not Path(data[key]).is_absolute(), (f.name, data[key])
+    for f in sorted(RESULTS.glob("*.md")):
+        assert "/work/" not in f.read_text() and "/home/" not in f.read_text(), f.name

@@ -148,6 +148,9 @@ def test_a_render_in_a_real_browser_updates_and_stops(images, tmp_path):
         assert im.size == (48, 48)
     saved = torch.load(state, weights_only=True)
     assert saved["step"] > 0 and saved["image"].shape == (1, 3, 48, 48)
+    # Written at the stop, not at the last progress interval: --resume continues from there.
+    stopped_at = int(err.split("stopped early (interrupted by SIGINT) after ")[1].split(" ")[0])
+    assert saved["step"] == stopped_at and f"continues from step {stopped_at}" in err, err
     more = saved["step"] + 2  # the state continues the render
     r = subprocess.run([sys.executable, "-m", "nst", *_stylize(images, "--steps", str(more), "--progress-every", "2",
                                                                "--state", str(state), "--resume")],

@@ -120,6 +120,7 @@ def test_a_torchrun_launch_follows_the_single_process_trajectory(tmp_path, optim
     diff = np.abs(_pixels(tmp_path / "two.png") - _pixels(tmp_path / "one.png"))
     assert diff.max() <= (1 if optimizer == "adam" else 3) and diff.mean() < 0.05  # 8-bit levels
     assert "two.png" in two.stdout and two.stdout.count("wrote") == 1  # rank 0 alone reports and writes
+    assert "across 2 ranks, 32 px tiles" in two.stdout  # the last line names the ranks
 
 
 @pytest.mark.slow
@@ -143,6 +144,81 @@ def _launch(tmp_path, extra):
         procs.append(subprocess.Popen([sys.executable, *_args(tmp_path, "o.png", *extra)], env=env, cwd=tmp_path,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
+
+
+def _launch_each(tmp_path, contents, extras, out="o.png"):
+    """Two ranks started by hand, each with its own content image and extra arguments (as
+    on two machines given "the same" command); (exit status, stdout, stderr) of each."""
+    port, procs = _free_port(), []
+    for r, (content, extra) in enumerate(zip(contents, extras)):
+        env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE="2",
+                   LOCAL_RANK=str(r))
+        args = _args(tmp_path, out, "--steps", "3", *extra)
+        args[4] = str(tmp_path / content)
+        procs.append(subprocess.Popen([sys.executable, *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [(p.returncode, *o) for p, o in zip(procs, outs)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["content", "pool", "lead-output"])
+def test_ranks_that_would_render_different_things_refuse_before_any_work(tmp_path, case):
+    """Before the first step the ranks compare fingerprints (settings, decoded inputs, the
+    network's parameters) or why one could not start: every rank refuses in one line, with
+    the first difference, and none waits for another or writes anything."""
+    _images(tmp_path)
+    Image.fromarray((torch.rand(90, 120, 3, generator=torch.Generator().manual_seed(9)) * 255).byte().numpy()).save(
+        tmp_path / "c2.png")
+    contents, extras, out = ["c.png", "c.png"], [[], []], "o.png"
+    if case == "content":
+        contents[1] = "c2.png"
+    if case == "pool":
+        extras = [["--pool", "max"], ["--pool", "avg"]]
+    if case == "lead-output":
+        out = "missing/o.png"  # the lead refuses it; the worker never checks outputs
+    want = {"content": "rank 1 of 2 would render something else than the lead (rank 0): the input images differ",
+            "pool": "rank 1 of 2 would render something else than the lead (rank 0): --pool was 'max', now 'avg'",
+            "lead-output": "does not exist"}[case]
+    for rank, (code, _, err) in enumerate(_launch_each(tmp_path, contents, extras, out)):
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 1 and len(lines) == 1 and "Traceback" not in err and "terminate" not in err, (rank, err)
+        assert lines[0].startswith("nst: error: ") and want in lines[0], (rank, err)
+        if case == "lead-output" and rank == 1:
+            assert "rank 0 of 2 could not start (output directory" in lines[0], err
+    assert not list(tmp_path.rglob("o.png"))
+
+
+def test_no_distributed_under_torchrun_is_refused(tmp_path, capsys, monkeypatch):
+    from nst.cli import main
+
+    _images(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["-q", "stylize", *_args(tmp_path, "o.png", "--steps", "2", "--no-distributed")[4:]]) == 1
+    err = capsys.readouterr().err
+    assert "--no-distributed, but launched with 2 ranks" in err and "Traceback" not in err
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.slow
+def test_one_rank_names_itself_and_torchrun_reports_after_nst(tmp_path):
+    """One rank under torchrun: the last line names the rank and no tiles (a 120x90 image
+    is not tiled for one rank). A refusal under torchrun: nst's line comes first, then
+    torchrun's own report of the failed ranks (README: how to read it)."""
+    _images(tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+           *_args(tmp_path, "o.png", "--steps", "2", "--distributed")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "across 1 rank, untiled" in r.stdout and "2048" not in r.stdout + r.stderr, r.stdout
+    r = _torchrun(tmp_path, *_args(tmp_path, "missing/o.png", "--steps", "2"))
+    assert r.returncode == 1
+    first = r.stderr.index("nst: error: ")
+    assert "output directory" in r.stderr and "ChildFailedError" in r.stderr[first:], r.stderr
 
 
 def _wait_for(path, procs, limit=300):

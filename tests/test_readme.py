@@ -107,3 +107,22 @@ def test_tile_figures_are_the_committed_ones():
     assert (f"plain step up to about {reach['plain']} px square, a checkpointed one up to about "
             f"{reach['checkpointed']} px and tiles up to about {reach['tiled_64px']} px") in text
     assert "docs/tiles-no-seams.png" in section and (ROOT / "docs" / "tiles-no-seams.png").exists()
+
+
+def test_commands_name_no_path_outside_the_repository_and_every_quick_check():
+    """A clone has no ../shared/...: every command and path the README quotes is its own."""
+    for code in re.findall(r"`([^`\n]+)`", README) + re.findall(r"```\w*\n(.*?)```", README, re.S):
+        assert "../" not in code, code
+    for cmd in ("nst bench --quick", "nst bench-tiles --quick", "nst bench-recipes --quick"):
+        assert cmd in README, cmd
+
+
+def test_the_tile_cost_it_quotes_is_the_plans():
+    from nst.engine.layers import DEFAULT_TAPS
+    from nst.engine.memory import tile_work
+
+    text = " ".join(_section("### Failure behaviour").split())
+    n, work = tile_work(512, 512, 16, DEFAULT_TAPS)
+    assert f"{n} tiles, each step computes {work:.1f}x the image's pixels" in text
+    n, work = tile_work(512, 512, 128, DEFAULT_TAPS)
+    assert f"128 px tiles: {n} tiles, {work:.1f}x" in text

@@ -126,8 +126,10 @@ def test_tiled_steps_follow_the_untiled_trajectory(optimizer):
 
 
 @pytest.mark.slow
-def test_tiled_multiscale_budgeted_render_from_the_command_line(tmp_path, export_dir):
-    """--tile with multi-scale, a time budget and an exported TorchScript extractor."""
+def test_tiled_multiscale_budgeted_render_from_the_command_line(tmp_path, export_dir, replay_clock):
+    """--tile with multi-scale, a time budget and an exported TorchScript extractor. The
+    budget is on an injected clock (tests/conftest.py ReplayClock): it holds on a loaded
+    machine as on an idle one."""
     import json
 
     from PIL import Image
@@ -144,6 +146,7 @@ def test_tiled_multiscale_budgeted_render_from_the_command_line(tmp_path, export
     assert code == 0
     st = json.loads((tmp_path / "st.json").read_text())
     assert st["tile"] == 32 and st["steps_run"] > 0 and [s["size"] for s in st["scales"]][-1] == 120
+    assert st["total_s"] <= 20 and [s["steps_run"] > 1 for s in st["scales"]] == [True, True]
     with Image.open(tmp_path / "o.png") as im:
         assert im.size == (120, 90)
 
