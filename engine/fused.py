@@ -29,6 +29,7 @@ import torch
 from .device import sync
 from .losses import content_coef, content_value, style_coef, tv_grad, tv_value
 from .objective import Problem, _compiled
+from .signals import updating
 
 # A style tap must be a ReLU of the eager extractor's body for its ReLU and Gram to fuse.
 
@@ -150,6 +151,7 @@ class FusedAdamStep:
             self.xn.copy_(self.objective.normalise(self.x))
         self.xn.grad = None  # allocated by the backward (from the graph's pool when captured)
         c, s = self.objective.forward_backward(self.xn)
+        updating()  # a stop signal now waits for the loop's step to end (engine/signals.py)
         tv = self.adam.step(self.xn.grad)  # tv_value of the image before the step
         return self.objective.spec.total(c, s, tv)  # (4,)
 

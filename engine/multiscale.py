@@ -126,11 +126,18 @@ def _run_scales(content, styles, settings, extractor, init, callback, schedule, 
             steps_before = here.before
         try:
             result = run(content, styles, s_k, extractor=extractor, init=image, callback=_offset(callback, steps_before, k),
-                         stop_rule=rule, resume=here, trial=settings.time_budget is None)
+                         stop_rule=rule, resume=here, trial=_may_trial(settings))
         except RenderFailed as e:  # its best image, at the size asked for
             if e.result is not None:
                 e.result.image = resize_to(e.result.image, schedule[-1].hw)
             raise
+        except KeyboardInterrupt:
+            if result is None:
+                raise  # nothing rendered yet
+            # A stop during this scale's setup (its targets, a trial): the previous scale's
+            # image is the render's, and its state (written at its last step) resumes here.
+            result.stats.stopped = "interrupted"
+            break
         st = result.stats
         out.actual_s, out.steps_run = time.perf_counter() - t0, st.steps_run
         out.first_loss, out.final_loss = (st.loss[0] if st.loss else None), st.final_loss
@@ -231,3 +238,10 @@ def _summary(result: Result, schedule: list[ScaleSchedule], outcomes: list[Scale
         result.stats.stopped = None
     result.stats.total_s = time.perf_counter() - t_start
     return result
+
+
+def _may_trial(settings) -> bool:
+    """A step-variant trial (engine/variants.py: cold compiles of every candidate, on a GPU)
+    runs only where no clock bounds the render: under --time-budget or --time-limit the
+    compiled step runs unless a choice is cached."""
+    return settings.time_budget is None and settings.time_limit is None

@@ -234,8 +234,8 @@ def choose_step(objective, x0: torch.Tensor, settings: StylizeSettings, plan: St
     if choice is not None and choice.variant in names:
         stepper = build(choice.variant)
     elif not trial:
-        choice = variants.Choice("compiled", "no cached choice, and a --time-budget has no time for a trial: the "
-                                 "compiled step (its calibration times it)", key=key)
+        choice = variants.Choice("compiled", "no cached choice, and a --time-budget or --time-limit leaves no "
+                                 "time for a trial: the compiled step", key=key)
         stepper = build("compiled")
     else:
         rtol = 2e-2 if plan.autocast_dtype is not None else 1e-3

@@ -49,6 +49,7 @@ RUN_FIELDS = frozenset({
     "steps", "progress_every", "time_limit", "time_budget", "device", "precision", "memory_format", "reference",
     "cuda_graph", "compile", "loss_scale", "tile", "checkpointing", "memory_limit", "distributed", "rank_timeout",
     "budget_plan", "move_on", "runtime", "step_variant", "variant_cache",
+    "weights", "extractor",  # where the network came from: the fingerprint hashes the network itself
 })
 # Fingerprint keys that are not settings, and how a difference in them reads.
 _NAMED = {"inputs": "the input images differ", "network": "the network's weights differ",
@@ -74,10 +75,17 @@ class RenderState:
 
 def network_sha256(extractor) -> str:
     """A hash of the network a render runs: its parameters (an eager extractor or any
-    module), or an export's verified step files (``--runtime onnxruntime``). The same
-    weights from a .pth and a .safetensors file, or rebuilt from random:SEED, hash alike."""
+    module), or for an export the manifest's hash of the weights it was made from. The same
+    weights from a .pth and a .safetensors file, rebuilt from random:SEED or exported, hash
+    alike."""
     if hasattr(extractor, "weights_sha256"):
         return extractor.weights_sha256()
+    tensors = getattr(extractor, "manifest", {}).get("weights", {}).get("tensors_sha256")
+    if tensors:
+        # An export (TorchScript or the step graphs), its files checked against this manifest
+        # when loaded: the hash of the float32 weights it was made from, which is the eager
+        # extractor's. So a state resumes in either runtime and from the weights themselves.
+        return tensors
     if hasattr(extractor, "sessions"):  # engine/onnx_runtime.py StepGraphs: files checked against the manifest
         entry = extractor.manifest["artefacts"]["step"]
         files = {g: v.get("sha256") for g, v in entry["graphs"].items()}
@@ -250,7 +258,12 @@ def read_state(path: str | Path, label: str = "--resume") -> dict:
     if d.get("checksum") != _checksum(d):
         raise InputError(f"{label}: {path} is damaged (its checksum does not match its contents): it was changed or "
                          "torn after it was written; it cannot be resumed")
-    _check_contents(d, path, label)
+    try:
+        _check_contents(d, path, label)
+    except (TypeError, ValueError, AttributeError, KeyError, RuntimeError) as e:
+        # A value of a type no check foresaw (a file with a valid checksum, edited by hand).
+        raise InputError(f"{label}: {path} is not a valid state: its contents are not a render state's "
+                         f"({type(e).__name__})") from None
     return d
 
 
@@ -264,12 +277,14 @@ def _check_contents(d: dict, path, label: str) -> None:
                       ("fingerprint", dict), ("first_loss", float), ("best_loss", float), ("best_step", int)):
         if not isinstance(d.get(key), kind):
             raise bad(f"its {key!r} is missing or not a {kind.__name__}")
+    if "best_image" not in d:  # written always (None: the best is ``image``)
+        raise bad("its 'best_image' is missing")
     if min(d["scale"], d["step"], d["before"]) < 0:
         raise bad(f"a negative count (scale {d['scale']}, step {d['step']}, earlier steps {d['before']})")
     if not -1 <= d["best_step"] <= d["step"]:
         raise bad(f"its best image is from step {d['best_step']}, outside 0..{d['step']}")
     for key in ("image", "best_image"):
-        img = d[key]
+        img = d.get(key)
         if img is None and key == "best_image":
             continue
         if not isinstance(img, torch.Tensor) or img.dim() != 4 or tuple(img.shape[:2]) != (1, 3) \
@@ -286,6 +301,8 @@ def _check_optimizer(opt: dict, image: torch.Tensor, step: int, bad) -> None:
     n = image.numel()
     tensors = []
     if "adam" in opt:
+        if not isinstance(opt["adam"], dict) or not all(isinstance(st, dict) for st in opt["adam"].values()):
+            raise bad("its Adam state is not a table of moments")
         for st in opt["adam"].values():
             moments = [st.get("exp_avg"), st.get("exp_avg_sq")]
             if any(not isinstance(m, torch.Tensor) or m.numel() != n for m in moments):

@@ -93,6 +93,8 @@ class StylizeJob:
             outputs.append(("--progress's image", f"{self.progress}.png"))
         if self.state:
             outputs.append(("--state's lock", str(lock_path(self.state))))
+        if s.variant_cache:  # rewritten after a GPU's step-variant trial (engine/variants.py)
+            outputs.append(("--variant-cache", s.variant_cache))
         patterns = []
         if self.save_every:
             out = Path(self.output)

@@ -294,7 +294,7 @@ def _render_job(job: StylizeJob, setup: _Setup, quiet: bool, t_start: float, rec
             ranks.stop_workers()
         if e.result is not None:
             save_final(e.result.image, out)
-            where = f"wrote it to {out}" + (f"; --resume --state {job.state} continues" if job.state else "")
+            where = f"wrote it to {out}" + (saver.resume_note() if saver is not None else "")
             raise type(e)(f"{e}; {where}") from None
         raise
     if ranks is not None:

@@ -336,6 +336,7 @@ def test_no_output_replaces_an_input_or_another_output(images, capsys, tmp_path)
          "--stats", "is the --extractor file"),
         (["--progress", str(d / "c")], "--progress's image", "is the content image"),
         (["--gif", str(d / "g.gif"), "--stats", str(d / "g.gif")], "--gif", "is the --stats"),
+        (["--variant-cache", str(c)], "--variant-cache", "is the content image"),
     ]
     for extra, label, msg, *kw in cases:
         args = _stylize(d, *extra, **(kw[0] if kw else {}))

@@ -357,6 +357,36 @@ def test_nst_stylize_runs_in_onnxruntime_as_the_engine_does(default_export, tmp_
     assert "--extractor DIR" in capsys.readouterr().err
 
 
+def test_a_state_resumes_in_the_other_runtime(default_export, tmp_path, capsys):
+    """A render of the eager engine on random:0, stopped at 4 steps with --state, resumes in
+    ONNX Runtime on the export of the same weights (the network's hash is the weights', not
+    the files'), and ends on the loss curve of an uninterrupted engine render to 1e-3; an
+    export of other weights is refused in one line."""
+    import json
+
+    out, _, _, _ = default_export
+    _cli_images(tmp_path)
+    st = str(tmp_path / "st.nstate")
+    assert _cli(tmp_path, "--weights", "random:0", "--reference", "--steps", "8", "-o", str(tmp_path / "whole.png"),
+                "--stats", str(tmp_path / "whole.json")) == 0
+    assert _cli(tmp_path, "--weights", "random:0", "--reference", "--steps", "4", "-o", str(tmp_path / "part.png"),
+                "--state", st) == 0
+    capsys.readouterr()
+    assert _cli(tmp_path, "--extractor", str(out), "--runtime", "onnxruntime", "--steps", "8", "--state", st,
+                "--resume", "-o", str(tmp_path / "resumed.png"), "--stats", str(tmp_path / "resumed.json")) == 0
+    whole, resumed = (json.loads((tmp_path / f).read_text()) for f in ("whole.json", "resumed.json"))
+    assert resumed["path"] == "onnxruntime" and resumed["steps_run"] == 4
+    torch.testing.assert_close(torch.tensor(resumed["loss"]), torch.tensor(whole["loss"][4:]), rtol=1e-3, atol=0)
+    # Back the other way, onto other weights: refused, the state kept.
+    before = (tmp_path / "st.nstate").read_bytes()
+    capsys.readouterr()
+    assert _cli(tmp_path, "--weights", "random:1", "--steps", "12", "--state", st, "--resume", "-o",
+                str(tmp_path / "other.png")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "network" in err[0] and not (tmp_path / "other.png").exists()
+    assert (tmp_path / "st.nstate").read_bytes() == before
+
+
 def test_a_budget_calibrates_the_onnxruntime_step(default_export):
     """Under --time-budget the planner calibrates each scale with the runtime's own prepare
     and step (no trial, no torch extractor): costs measured, a schedule allocated."""

@@ -4,6 +4,7 @@ CPU: the loss and image gradient of one evaluation against the untiled float32 r
 single-process one, a budgeted multi-scale launch, and what happens when a rank dies."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -125,13 +126,26 @@ def test_a_torchrun_launch_follows_the_single_process_trajectory(tmp_path, optim
 
 @pytest.mark.slow
 def test_a_budgeted_multiscale_render_across_ranks(tmp_path):
-    """Every clock decision is the lead's: a budget, calibration and two scales complete."""
+    """Every clock decision is the lead's: a budget, calibration and two scales complete.
+
+    Sized from a measurement, so that it holds on a loaded machine (two ranks share this
+    CPU): a one-step launch at the full size gives the cost of starting the ranks (T1, the
+    launch's wall time) and of one step (S, the lead's loop_s). The budget is max(25 s,
+    6 T1); the margin over it is 2 S, stated, as in tests/test_multiscale.py's end-to-end
+    budget: the load may change between the calibration and the last step."""
     _images(tmp_path)
-    r = _torchrun(tmp_path, *_args(tmp_path, "o.png", "--scales", "64", "--time-budget", "25", "--distributed",
+    t0 = time.perf_counter()
+    one = _torchrun(tmp_path, *_args(tmp_path, "one.png", "--steps", "1", "--distributed", "--stats", "one.json"))
+    t1 = time.perf_counter() - t0
+    assert one.returncode == 0, one.stderr
+    step_s = json.loads((tmp_path / "one.json").read_text())["loop_s"]
+    budget = max(25, math.ceil(6 * t1))
+    r = _torchrun(tmp_path, *_args(tmp_path, "o.png", "--scales", "64", "--time-budget", str(budget), "--distributed",
                                    "--stats", "st.json"))
     assert r.returncode == 0, r.stderr
     st = json.loads((tmp_path / "st.json").read_text())
-    assert [s["size"] for s in st["scales"]] == [64, 120] and st["tile"] > 0 and st["total_s"] < 25
+    assert [s["size"] for s in st["scales"]] == [64, 120] and st["tile"] > 0
+    assert st["total_s"] <= budget + 2 * step_s, (budget, step_s, st["total_s"])
     assert _pixels(tmp_path / "o.png").shape == (90, 120, 3)
 
 
@@ -250,8 +264,8 @@ def test_a_lost_rank_ends_the_run_with_one_line_and_the_last_good_image(tmp_path
     lines = [ln for ln in err.splitlines() if not ln.startswith("nst: using random")]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "stopped answering" in lines[0] and "--resume" in lines[0]
-    if victim == 1:  # the lead wrote its best image so far
-        assert "wrote it to" in lines[0] and _pixels(tmp_path / "o.png").shape == (90, 120, 3)
+    if victim == 1:  # the lead wrote its best image so far, and names the step its state resumes from
+        assert "wrote it to" in lines[0] and "continues from step" in lines[0] and _pixels(tmp_path / "o.png").shape == (90, 120, 3)
     else:  # the lead's last state is the last good image; a worker writes nothing
         assert not (tmp_path / "o.png").exists()
     assert state.exists() and not list(tmp_path.glob(".*partial"))

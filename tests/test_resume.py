@@ -172,7 +172,11 @@ def test_damaged_and_impossible_states_are_refused_in_one_line(images, capsys):
              "image x 1e6": (lambda p: p["image"].mul_(1e6), "its image has values outside [0, 1]"),
              "step -5": (lambda p: p.update(step=-5), "a negative count"),
              "adam count": (lambda p: p["optimizer"]["adam"][0]["step"].fill_(7), "its Adam state counts 7 steps, "
-                                                                                  "the state 4")}
+                                                                                  "the state 4"),
+             # Valid checksums over values of the wrong kind (written by hand): still one line.
+             "no best_image": (lambda p: p.pop("best_image"), "is not a valid state"),
+             "adam a list": (lambda p: p["optimizer"].update(adam=[1, 2]), "its Adam state is not a table"),
+             "adam step text": (lambda p: p["optimizer"]["adam"][0].update(step="four"), "is not a valid state")}
     for name, (change, msg) in cases.items():
         path = d / f"{name}.pt"
         if isinstance(change, bytes):
@@ -303,4 +307,34 @@ def test_a_render_stopped_by_a_signal_resumes_to_the_whole_image(images):
     r = subprocess.run([*cmd[:8], str(d / "resumed.png"), *cmd[9:], "--resume"], env=dict(os.environ, NST_OFFLINE="1"),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and f"resuming {d / 'st.pt'} from step {n}" in r.stdout, r.stderr
+    assert np.array_equal(_pixels(d / "resumed.png"), _pixels(d / "whole.png"))
+
+
+def test_a_stop_during_a_later_scale_s_setup_keeps_the_finished_scale(images, capsys, monkeypatch):
+    """Ctrl-C while the second scale prepares (its targets; on a GPU the step-variant trial):
+    the first scale's image is written at the size asked for, the exit is 130, and the state
+    (written at the first scale's last step) resumes into the second scale, ending on the
+    image of the render that was never stopped."""
+    from nst.engine import multiscale
+
+    d = images
+    two = ["--scales", "64", "--steps", "4"]
+    assert _stylize(d, "whole.png", *two) == 0
+    real, calls = multiscale.run, []
+
+    def stopped_in_setup(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # where a signal lands while the second scale is prepared
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(multiscale, "run", stopped_in_setup)
+    capsys.readouterr()
+    assert _stylize(d, "part.png", *two, "--state", str(d / "st.pt")) == 130
+    err = capsys.readouterr().err
+    assert "stopped early" in err and "continues from step 4" in err, err  # the first scale's last step
+    with Image.open(d / "part.png") as im:
+        assert im.size == (120, 90)
+    monkeypatch.setattr(multiscale, "run", real)
+    assert _stylize(d, "resumed.png", *two, "--state", str(d / "st.pt"), "--resume") == 0
     assert np.array_equal(_pixels(d / "resumed.png"), _pixels(d / "whole.png"))

@@ -230,3 +230,29 @@ def test_cuda_each_variant_follows_the_graph_step(variant):
     a = torch.stack([ref.stepper.step().clone() for _ in range(12)])
     b = torch.stack([got.stepper.step().clone() for _ in range(12)])
     torch.testing.assert_close(b, a, rtol=2e-2, atol=0)
+
+
+def test_no_trial_where_a_clock_bounds_the_render(monkeypatch, tmp_path):
+    """The trial's cold compiles are not bounded by a deadline: under --time-limit (as under
+    --time-budget) each scale runs without one, and choose_step then takes the compiled
+    step (or a cached choice); without a clock the trial may run."""
+    from nst.engine import multiscale
+
+    seen = []
+    real = multiscale.run
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["trial"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(multiscale, "run", spy)
+    content, style = _img(40, 48, 5), _img(48, 48, 6)
+    for extra, want in (({}, True), ({"time_limit": 600.0}, False)):
+        s = StylizeSettings(size=48, steps=2, scales="32", **SMALL, **extra)
+        seen.clear()
+        result = multiscale.render(content, [(style, 1.0)], s)
+        assert seen == [want, want] and result.image.shape[-2:] == (40, 48)
+    s = StylizeSettings(size=48, variant_cache=str(tmp_path / "none.json"), **SMALL)  # nothing cached
+    p = prepare(content, [(style, 1.0)], s)
+    *_, choice = choose_step(p.objective, p.x, s, with_variant(p.plan, "auto"), trial=False)
+    assert choice.variant == "compiled" and "--time-limit" in choice.reason and not choice.ms
