@@ -155,7 +155,7 @@ def run(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], setting
     ``extractor`` defaults to the one ``settings`` describe (``--extractor`` export dir or
     ``--weights``); ``callback(StepInfo)`` is called before the first step and after every step.
     ``resume`` (an engine/state.py RenderState) continues from its image, optimiser state and step.
-    ``trial``: see engine/session.py prepare (False under a time budget).
+    ``trial``: see engine/session.py prepare (False under a time budget or limit).
     """
     t_start = time.perf_counter()
     p = prepare(content, styles, settings or StylizeSettings(), extractor,

@@ -160,8 +160,9 @@ def prepare(content: torch.Tensor, styles: list[tuple[torch.Tensor, float]], set
 
     content: (3, H, W) and styles [((3, h, w), weight)], values in [0, 1], on any device.
     ``trial``: where the step variant is chosen by measurement and no choice is cached, time
-    the candidates (engine/variants.py); False under a time budget, whose calibration times
-    what runs (the compiled step, unless a choice is cached).
+    the candidates (engine/variants.py); False where a clock bounds the render (a time budget,
+    whose calibration times what runs, or a time limit: engine/multiscale.py ``_may_trial``):
+    the compiled step, unless a choice is cached.
     """
     resolve_plan(settings)  # the machine's part, refused (a missing GPU...) before any weights are read
     ours = extractor is None  # loaded here: ours to convert in place
