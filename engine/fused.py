@@ -156,9 +156,11 @@ class FusedAdamStep:
         return self.objective.spec.total(c, s, tv)  # (4,)
 
     def step(self) -> torch.Tensor:
-        from .device import float32_math
+        from .device import cudnn_search, float32_math
 
-        with float32_math(self.objective.math):
+        # cuDNN's algorithm search while stepping, as the other steppers do: the graph
+        # captures the kernels chosen (the trial compares the variants on equal terms).
+        with float32_math(self.objective.math), cudnn_search(self.x.is_cuda):
             return self.captured() if self.captured else self._body()
 
     def set_lr(self, lr: float) -> None:

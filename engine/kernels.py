@@ -26,9 +26,10 @@ importable, ``NST_TRITON`` not "0", a CUDA tensor of a dtype the kernel is for (
 features; any float gradient and a float32 image), or a CPU tensor under Triton's
 interpreter (``TRITON_INTERPRET=1``: how the tests run them; there the kernels take float32
 operands, bf16 ones upcast before the dot, whose interpreter version multiplies bf16 bit
-patterns). The entry points fall back to the references where a guard says no. Nothing
-here is wired into the engine's step: the step variants that use them are chosen by
-measurement on the GPU (issue #24, item 4).
+patterns). The entry points fall back to the references where a guard says no. The
+``kernels`` step variant (engine/fused.py) runs them; on a GPU it is one of the candidates
+timed at the first render of a size (engine/variants.py), so it runs only where it measured
+fastest and passed the parity check.
 
 Triton kernels compile on their first call (seconds): call each entry point once before a
 CUDA graph capture (the steppers' eager warm-up steps do).

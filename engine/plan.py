@@ -96,7 +96,9 @@ def _machine(settings: StylizeSettings) -> StepPlan:
 
 
 def _cpu_variant(settings: StylizeSettings) -> str:
-    v = "compiled" if settings.compile else settings.step_variant
+    v = settings.step_variant
+    if v == "auto" and settings.compile:
+        v = "compiled"  # --compile names compiled; with kernels (which compiles too), as on CUDA
     if v in ("graph", "kernels"):
         raise InputError(f"--step-variant {v} needs a CUDA GPU (CUDA graphs, Triton kernels); the CPU runs eager "
                          "or compiled")

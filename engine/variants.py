@@ -1,12 +1,14 @@
-"""Which step runs on a GPU, chosen by measurement: ``choose`` is the entry point.
+"""Which step runs on a GPU, chosen by measurement: ``trial`` is the entry point (called by
+engine/session.py ``choose_step``, which also reads and writes the cache here).
 
 Kernels written without a GPU at hand must never make the engine slower, so on CUDA the
 engine does not trust a default: at the first render for a (GPU model, torch version,
 size bucket, precision, step settings) it builds each candidate step (the variants below),
 runs each one's warm-up (compile, capture), times a fixed number of steps of each, checks
-that each one's first losses agree with the first candidate's, and runs the fastest that
-passed. The choice, every candidate's ms per step and the reason go into ``--stats``,
-``nst bench`` and a small cache file, so later renders skip the trial.
+that each one's losses agree with the first candidate's at the start image and after the
+same number of steps, and runs the fastest that passed. The choice, every candidate's ms
+per step and the reason go into ``--stats``, ``nst bench`` and a small cache file, so later
+renders skip the trial.
 
 The variants (``--step-variant``; engine/steppers.py builds them):
 
@@ -16,7 +18,8 @@ The variants (``--step-variant``; engine/steppers.py builds them):
     kernels   compiled, with the Triton kernels of engine/kernels.py (style taps, image update)
 
 Sizes are bucketed by the square root of the area rounded to a power of two, so that other
-aspect ratios and the scales of a multi-scale render reuse a choice. The cache file is JSON
+aspect ratios and nearby sizes reuse a choice (a multi-scale render's scales, about 1.4x
+apart, share one in pairs). The cache file is JSON
 (``NST_CACHE_DIR``, else ``$XDG_CACHE_HOME/nst``, else ``~/.cache/nst``, then
 ``step-variants.json``; ``--variant-cache FILE`` overrides it); an unreadable one is ignored
 and rewritten.
@@ -35,6 +38,8 @@ from typing import Callable
 
 FORMAT = "nst-step-variants-1"
 REPLAYS = 10  # timed steps per candidate (after its warm-up)
+WARMUP = 4  # steps every candidate runs before it is timed: at least any stepper's warmup_steps
+            # (a CUDA graph: 3 eager steps and the capture, engine/steppers.py)
 
 
 def cache_path(override: str | None = None) -> Path:
@@ -155,26 +160,43 @@ def _agree(a, b, rtol: float) -> bool:
     return bool(((a - b).abs() / scale <= rtol).all())
 
 
-def trial(candidates: list[Candidate], timer, rtol: float, replays: int = REPLAYS):
-    """Build, warm up and time every candidate; the fastest whose first losses agree with
-    the first working candidate's. Returns (Choice, the winner's stepper). Each candidate
-    runs on its own image; only the best so far is kept (GPU memory), the others are freed."""
+def trial(candidates: list[Candidate], timer, rtol: float, replays: int = REPLAYS, warmup: int = WARMUP):
+    """Build, warm up and time every candidate; the fastest whose losses agree with the first
+    working candidate's, both at the start image and after the last timed step (every
+    candidate runs the same ``warmup`` + ``replays`` steps from the same image, so the second
+    check covers the backward and the update, not only the forward). Returns (Choice, the
+    winner's stepper). Each candidate runs on its own image; only the best so far is kept
+    (GPU memory), the others are freed."""
     ms, errors, best, ref = {}, {}, None, None
     for cand in candidates:
         try:
             stepper = cand.build()
+            if stepper.warmup_steps > warmup:
+                raise RuntimeError(f"it needs {stepper.warmup_steps} warm-up steps, the trial gives {warmup}")
             first = stepper.step().detach().clone()  # the start image's losses
-            for _ in range(max(0, stepper.warmup_steps - 1)):  # compile, capture
+            for _ in range(warmup - 1):  # compile, capture
                 stepper.step()
-            seconds = timer(lambda: [stepper.step() for _ in range(replays)])
+            out = []
+
+            def replay(stepper=stepper):
+                for _ in range(replays):
+                    out[:] = [stepper.step()]
+
+            seconds = timer(replay)
+            last = out[0].detach().clone()  # (4,) the losses of the last timed step (a graph's output buffer)
         except Exception as e:  # a candidate that cannot run here is not chosen; the render goes on
             ms[cand.name], errors[cand.name] = None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             continue
         ms[cand.name] = round(seconds / replays * 1e3, 4)
-        if ref is None and _agree(first, first, rtol):
-            ref = first
-        if ref is None or not _agree(first, ref, rtol):
-            errors[cand.name] = f"its first losses differ from {candidates[0].name}'s by more than {rtol:g}"
+        if not (_agree(first, first, rtol) and _agree(last, last, rtol)):
+            errors[cand.name] = "its losses are not finite"
+            continue
+        ref = ref or (cand.name, first, last)  # the first candidate that ran is the reference
+        if not _agree(first, ref[1], rtol):
+            errors[cand.name] = f"its first losses differ from {ref[0]}'s by more than {rtol:g}"
+            continue
+        if not _agree(last, ref[2], rtol):
+            errors[cand.name] = f"its losses after {warmup + replays} steps differ from {ref[0]}'s by more than {rtol:g}"
             continue
         if best is None or ms[cand.name] < ms[best[0]]:
             best = (cand.name, stepper)

@@ -25,20 +25,24 @@ def _img(h, w, seed):
 
 
 class FakeStepper:
+    """Losses that fall by 10% a step; ``drift`` adds to them from the second step on (a
+    backward or an update that is wrong while the forward is right)."""
+
     warmup_steps = 2
 
-    def __init__(self, losses, cost, clock):
-        self.losses, self.cost, self.clock = torch.tensor(losses), cost, clock
+    def __init__(self, losses, cost, clock, drift=0.0):
+        self.losses, self.cost, self.clock, self.drift, self.n = torch.tensor(losses), cost, clock, drift, 0
 
     def step(self):
         self.clock[0] += self.cost
-        return self.losses
+        self.n += 1
+        return self.losses * 0.9 ** self.n + (self.drift if self.n > 1 else 0.0)
 
 
-def _candidates(costs, clock, bad=()):
+def _candidates(costs, clock, bad=(), drifting=()):
     good = [1.0, 0.5, 0.4, 0.1]
     return [variants.Candidate(name, lambda name=name, c=c: FakeStepper([2.0, 0, 0, 0] if name in bad else good, c,
-                                                                          clock))
+                                                                          clock, 0.05 if name in drifting else 0.0))
             for name, c in costs.items()]
 
 
@@ -66,6 +70,46 @@ def test_the_fastest_candidate_that_passes_parity_is_chosen():
     cands = _candidates(costs, clock)[:2] + [variants.Candidate("kernels", broken)]
     choice, _ = variants.trial(cands, _timer(clock), rtol=1e-3, replays=5)
     assert choice.variant == "compiled" and choice.ms["kernels"] is None and "no kernel image" in choice.errors["kernels"]
+
+
+def test_a_candidate_whose_later_losses_drift_is_never_chosen():
+    """The first losses check the forward only: a candidate whose backward or update is
+    wrong agrees at the start image and drifts after it. Every candidate runs the same
+    steps from the same image, so the losses after the last timed step are compared too."""
+    clock = [0.0]
+    costs = {"graph": 3.0, "compiled": 2.0, "kernels": 1.0}
+    choice, _ = variants.trial(_candidates(costs, clock, drifting=("kernels",)), _timer(clock), rtol=1e-3, replays=5)
+    assert choice.variant == "compiled"
+    assert "after 9 steps differ from graph's" in choice.errors["kernels"] and choice.ms["kernels"] == 1000.0
+    # The reference is the first candidate that ran: if it fails, the next one is.
+    def broken():
+        raise RuntimeError("out of memory")
+
+    cands = [variants.Candidate("graph", broken)] + _candidates(costs, clock, drifting=("kernels",))[1:]
+    choice, _ = variants.trial(cands, _timer(clock), rtol=1e-3, replays=5)
+    assert choice.variant == "compiled" and "from compiled's" in choice.errors["kernels"]
+    # Losses that are not finite are never chosen, whichever candidate is first.
+    cands = [variants.Candidate("graph", lambda: FakeStepper([float("nan")] * 4, 0.1, clock))]
+    cands += _candidates(costs, clock)[1:]
+    choice, _ = variants.trial(cands, _timer(clock), rtol=1e-3, replays=5)
+    assert choice.variant == "kernels" and choice.errors["graph"] == "its losses are not finite"
+
+
+def test_the_trial_warms_up_every_step_variant_enough():
+    """Every candidate runs variants.WARMUP steps before it is timed (the same number, so that
+    the losses after the timed steps are comparable): at least what a captured step needs."""
+    from nst.engine.steppers import Captured
+
+    assert variants.WARMUP >= Captured.warmup_steps
+    clock = [0.0]
+
+    class Slow(FakeStepper):
+        warmup_steps = variants.WARMUP + 1
+
+    cands = _candidates({"graph": 2.0}, clock) + [variants.Candidate("kernels", lambda: Slow([1.0, 0.5, 0.4, 0.1], 1.0,
+                                                                                              clock))]
+    choice, _ = variants.trial(cands, _timer(clock), rtol=1e-3, replays=5)
+    assert choice.variant == "graph" and "warm-up steps" in choice.errors["kernels"]
 
 
 def test_choices_are_cached_and_keyed_by_gpu_torch_and_size_bucket(tmp_path):
@@ -181,13 +225,59 @@ def test_the_flags_that_say_how_the_step_runs_do_not_contradict():
                     (dict(tile=64, step_variant="compiled"), "tiled steps")):
         with pytest.raises(InputError, match=msg):
             StylizeSettings(**kw)
-    with pytest.raises(InputError, match="needs a CUDA GPU"):
-        resolve_plan(StylizeSettings(device="cpu", step_variant="kernels"))
+    for kw in (dict(), dict(compile=True)):  # kernels compiles too: --compile does not turn it into compiled
+        with pytest.raises(InputError, match="needs a CUDA GPU"):
+            resolve_plan(StylizeSettings(device="cpu", step_variant="kernels", **kw))
     # On the CPU: eager by default, compiled when asked (either way).
     assert resolve_plan(StylizeSettings(device="cpu")).variant == "eager"
     for kw in (dict(compile=True), dict(step_variant="compiled")):
         p = resolve_plan(StylizeSettings(device="cpu", **kw))
         assert p.variant == "compiled" and p.compile and not p.cuda_graph
+
+
+def test_on_cuda_the_step_is_chosen_by_measurement_unless_a_flag_names_it(monkeypatch):
+    """The CUDA side of the plan, on the CPU (the machine's answers stubbed): auto is left to
+    the trial, captured; the flags that name a step take it; without a graph (or with
+    L-BFGS) the trial's candidates are not what would run, so eager."""
+    from nst.engine import plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "resolve_device", lambda spec: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    for kw, variant, compiled, graph in ((dict(), "auto", False, True),
+                                         (dict(compile=True), "compiled", True, True),
+                                         (dict(step_variant="kernels", compile=True), "kernels", True, True),
+                                         (dict(step_variant="graph"), "graph", False, True),
+                                         (dict(step_variant="compiled", cuda_graph=False), "compiled", True, False),
+                                         (dict(cuda_graph=False), "eager", False, False),
+                                         (dict(optimizer="lbfgs"), "eager", False, False)):
+        p = resolve_plan(StylizeSettings(**kw))
+        assert (p.device, p.precision, p.variant, p.compile, p.cuda_graph) == ("cuda", "bf16", variant, compiled,
+                                                                               graph), kw
+
+
+def test_every_stepper_lets_cudnn_search_while_it_steps(monkeypatch):
+    """The graph captures the convolution algorithms chosen during the warm-up steps, so each
+    stepper steps inside cudnn_search (on for CUDA tensors): the trial compares the
+    variants on equal terms. Spied on the CPU: the eager step and the fused (kernels) step."""
+    from nst.engine import device, steppers
+    from nst.engine.fused import FusedAdamStep, FusedObjective
+
+    entered = []
+    real = device.cudnn_search
+
+    def spy(on):
+        entered.append(on)
+        return real(on)
+
+    monkeypatch.setattr(device, "cudnn_search", spy)
+    monkeypatch.setattr(steppers, "cudnn_search", spy)
+    s = StylizeSettings(size=40, **SMALL)
+    p = prepare(_img(40, 40, 3), [(_img(40, 40, 4), 1.0)], s)
+    fused = FusedAdamStep(FusedObjective(p.objective.problem), p.x.detach().clone(), s.learning_rate)
+    for stepper in (p.stepper, fused):
+        entered.clear()
+        stepper.step()
+        assert entered == [False], type(stepper).__name__  # off the GPU: nothing changes
 
 
 def test_cudnn_search_restores_the_callers_setting():
@@ -233,8 +323,8 @@ def test_cuda_each_variant_follows_the_graph_step(variant):
 
 
 def test_no_trial_where_a_clock_bounds_the_render(monkeypatch, tmp_path):
-    """The trial's cold compiles are not bounded by a deadline: under --time-limit (as under
-    --time-budget) each scale runs without one, and choose_step then takes the compiled
+    """The trial's cold compiles are not bounded by a deadline: under --time-limit and under
+    --time-budget each scale runs without one, and choose_step then takes the compiled
     step (or a cached choice); without a clock the trial may run."""
     from nst.engine import multiscale
 
@@ -252,6 +342,21 @@ def test_no_trial_where_a_clock_bounds_the_render(monkeypatch, tmp_path):
         seen.clear()
         result = multiscale.render(content, [(style, 1.0)], s)
         assert seen == [want, want] and result.image.shape[-2:] == (40, 48)
+    # Under --time-budget the calibration prepares what runs, without a trial.
+    from nst.engine import budget
+
+    class Seen(Exception):
+        pass
+
+    def spy_prepare(*args, **kwargs):
+        seen.append(kwargs.get("trial", True))
+        raise Seen
+
+    monkeypatch.setattr(budget, "prepare", spy_prepare)
+    seen.clear()
+    with pytest.raises(Seen):
+        multiscale.render(content, [(style, 1.0)], StylizeSettings(size=48, scales="32", time_budget=30.0, **SMALL))
+    assert seen == [False] and not multiscale._may_trial(StylizeSettings(time_budget=30.0, **SMALL))
     s = StylizeSettings(size=48, variant_cache=str(tmp_path / "none.json"), **SMALL)  # nothing cached
     p = prepare(content, [(style, 1.0)], s)
     *_, choice = choose_step(p.objective, p.x, s, with_variant(p.plan, "auto"), trial=False)
