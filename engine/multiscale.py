@@ -38,6 +38,10 @@ class ScaleOutcome:
     first_loss: float | None = None
     final_loss: float | None = None
     why: str = ""  # why the scale ended (the printed report shows it)
+    step_variant: str = ""  # which step ran at this scale, and what it cost to set up
+    variant_cached: bool | None = None  # the choice read from the cache (None: not chosen by measurement)
+    compile_s: float = 0.0
+    capture_s: float = 0.0
 
 
 def _offset(callback: Callback | None, before: int, scale_index: int) -> Callback | None:
@@ -141,6 +145,8 @@ def _run_scales(content, styles, settings, extractor, init, callback, schedule, 
         st = result.stats
         out.actual_s, out.steps_run = time.perf_counter() - t0, st.steps_run
         out.first_loss, out.final_loss = (st.loss[0] if st.loss else None), st.final_loss
+        out.step_variant, out.compile_s, out.capture_s = st.step_variant, st.compile_s, st.capture_s
+        out.variant_cached = st.variant_choice["cached"] if st.variant_choice else None
         limited = st.stopped == "time-limit" and pacer.limited(k)
         out.why = "--time-limit" if limited else _why(st, k == len(schedule) - 1, settings.time_budget is not None)
         image, steps_before = result.image, steps_before + st.steps_run + (here.step if here else 0)
@@ -228,7 +234,9 @@ def _summary(result: Result, schedule: list[ScaleSchedule], outcomes: list[Scale
          "steps_replanned": sc.steps, "steps_run": out.steps_run, "planned_s": sc.initial_planned_s or sc.planned_s,
          "actual_s": out.actual_s, "step_s_calibrated": sc.cost.step_s, "setup_s_calibrated": sc.cost.setup_s,
          "warmup_s_calibrated": sc.cost.warmup_s, "first_loss": out.first_loss,
-         "final_loss": out.final_loss, "why": out.why} for sc, out in zip(schedule, outcomes) if out.actual_s > 0]
+         "final_loss": out.final_loss, "why": out.why, "step_variant": out.step_variant,
+         "variant_cached": out.variant_cached, "compile_s": out.compile_s, "capture_s": out.capture_s}
+        for sc, out in zip(schedule, outcomes) if out.actual_s > 0]
     if tuple(result.image.shape[-2:]) != schedule[-1].hw:
         result.image = resize_to(result.image, schedule[-1].hw)  # interrupted early: still the size asked for
     if (settings.time_budget is not None and result.stats.stopped == "time-limit" and not limited

@@ -48,6 +48,25 @@ def test_stylize_writes_image_and_stats(images, capsys):
     stats = json.loads((images / "stats.json").read_text())
     assert stats["steps_run"] == 4 and len(stats["loss"]) == 4 and stats["weights"] == W
     assert stats["total_s"] >= stats["setup_s"] + stats["loop_s"] > 0  # single-scale runs record it too
+    # The CPU default step: eager, nothing compiled or captured, not chosen by a trial.
+    assert (stats["step_variant"], stats["compile_s"], stats["capture_s"], stats["variant_choice"]) == ("eager", 0, 0,
+                                                                                                        None)
+
+
+@pytest.mark.slow
+def test_compile_seconds_and_the_step_are_in_the_stats_of_every_scale(images):
+    """--compile --stats: which step ran and what its compile cost, for the render and for
+    each scale of a multi-scale one (each size compiles once)."""
+    code = main(_args(images, "--compile", "--size", "40", "--scales", "32", "--steps", "2", "--content-layers",
+                      "relu2_1", "--style-layers", "relu1_1,relu2_1", "--stats", str(images / "c.json")))
+    assert code == 0
+    stats = json.loads((images / "c.json").read_text())
+    assert stats["step_variant"] == "compiled" and stats["compile_s"] > 0 and stats["capture_s"] == 0
+    assert [s["size"] for s in stats["scales"]] == [32, 40]
+    for scale in stats["scales"]:
+        assert scale["step_variant"] == "compiled" and scale["compile_s"] > 0, scale
+        assert scale["capture_s"] == 0 and scale["variant_cached"] is None  # on the CPU: no graph, no trial
+    assert stats["scales"][-1]["compile_s"] == stats["compile_s"]
 
 
 @pytest.mark.slow
