@@ -45,7 +45,8 @@ def _header(results: dict) -> list[str]:
         "Measured matmul peaks (best of 7, measured at the start and at the end, the larger kept): "
         + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()) + ".",
         "",
-    ]
+    ] + ([f"**Partial results**: the run stopped before it finished ({results['partial']}).", ""]
+         if results.get("partial") else [])
 
 
 def _row_line(r: dict) -> str:

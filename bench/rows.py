@@ -197,8 +197,9 @@ def time_rows(built: list[tuple[dict, object]], device, cfg) -> None:
             rec["peak_mem_bytes"] = max(rec["peak_mem_bytes"], torch.cuda.max_memory_allocated(device))
 
 
-def run_size(size: int, device, eager_net, weights, ts_dir, cfg) -> list[dict]:
-    """Every row at one size: built (and, on a GPU, timed) one by one, then timed round-robin."""
+def run_size(size: int, device, eager_net, weights, ts_dir, cfg, on_row=None) -> list[dict]:
+    """Every row at one size: built (and, on a GPU, timed) one by one, then timed round-robin.
+    ``on_row(rows so far)`` after each row that is timed on its own (not round-robin)."""
     rows, built = [], []
     for row in (r for r in ROWS if not cfg.rows or r.key in cfg.rows):
         log.info("size %d: %s", size, row.label)
@@ -216,6 +217,8 @@ def run_size(size: int, device, eager_net, weights, ts_dir, cfg) -> list[dict]:
             gc.collect()
             torch.cuda.empty_cache()
         rows.append(built[-1][0])
+        if on_row is not None and not cfg.interleave:
+            on_row(rows)
     if cfg.interleave:
         log.info("size %d: timing %d rows round-robin", size, sum(1 for _, s in built if s is not None))
         time_rows(built, device, cfg)

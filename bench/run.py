@@ -92,8 +92,8 @@ def _export_for_rows(cfg: BenchSettings, eager_net, tmp: Path, device) -> tuple[
     return out, (out / "extractor.onnx" if cfg.onnx else None)
 
 
-def _size_entry(size: int, device, eager_net, weights, ts_dir, onnx_path, cfg) -> dict:
-    entry = {"rows": run_size(size, device, eager_net, weights, ts_dir, cfg)}
+def _size_entry(size: int, device, eager_net, weights, ts_dir, onnx_path, cfg, on_row=None) -> dict:
+    entry = {"rows": run_size(size, device, eager_net, weights, ts_dir, cfg, on_row)}
     if onnx_path is not None:
         try:
             entry["onnx_targets"] = onnx_targets(size, device, eager_net, onnx_path, cfg)
@@ -129,7 +129,17 @@ def _fresh_compile_caches(tmp: Path):
                 os.environ[k] = v
 
 
-def run(cfg: BenchSettings) -> dict:
+def _derive_all(results: dict, peaks: dict, device) -> None:
+    """The speed-ups, peak fractions and goals of the sizes measured so far."""
+    for entry in results["sizes"].values():
+        derive(entry["rows"], peaks)
+    results["targets"] = {**check_goals(results, device), **check_time_goals(results, device)}
+
+
+def run(cfg: BenchSettings, on_progress=None) -> dict:
+    """The benchmark's results. ``on_progress(results)``, if given, is called after each size
+    and each time-to-image command with what is measured so far (``results["partial"]`` says
+    what is not): a run stopped by a timeout (a GPU machine's call limit) keeps what it did."""
     unknown = [k for k in cfg.rows if k not in {r.key for r in ROWS}]
     if unknown:
         raise NSTError(f"--rows: no row {unknown[0]!r}; the rows are {' '.join(r.key for r in ROWS)}")
@@ -149,14 +159,34 @@ def run(cfg: BenchSettings) -> dict:
     eager_net = VGGFeatures(weights)
     results = {"environment": env, "settings": dataclasses.asdict(cfg), "peaks_flops": peaks,
                "flops_formula": flops_mod.__doc__.strip(), "sizes": {}}
+    later = ["time to image"] * cfg.time_to_image + ["the profile"] * cfg.profile + ["the peaks at the end"]
+
+    def progress(missing: list[str]) -> None:  # what is measured so far, written
+        if on_progress is not None:
+            results["partial"] = "not measured yet: " + ", ".join(missing)
+            _derive_all(results, peaks, device)
+            on_progress(results)
+
     with tempfile.TemporaryDirectory(prefix="nst-bench-") as tmp, _fresh_compile_caches(Path(tmp)):
         if cfg.waterfall:
             ts_dir, onnx_path = _export_for_rows(cfg, eager_net, Path(tmp), device)
-            for size in cfg.sizes:
-                results["sizes"][str(size)] = _size_entry(size, device, eager_net, weights, ts_dir, onnx_path, cfg)
+            for i, size in enumerate(cfg.sizes):
+                missing = [f"{s} px" for s in cfg.sizes[i + 1:]] + later
+
+                def row_done(rows: list[dict], size=size, missing=missing) -> None:
+                    results["sizes"][str(size)] = {"rows": rows}
+                    progress([f"the rest of {size} px"] + missing)
+
+                results["sizes"][str(size)] = _size_entry(size, device, eager_net, weights, ts_dir, onnx_path, cfg,
+                                                          row_done)
+                progress(missing)
         if cfg.time_to_image:
+            def tti_progress(tti: dict) -> None:
+                results["time_to_image"] = tti
+                progress(["the rest of time to image"] + later[1:])
+
             results["time_to_image"] = time_to_image(device, weights.state, Path(tmp), cfg.quick,
-                                                     renders=cfg.render_list())
+                                                     renders=cfg.render_list(), on_command=tti_progress)
     if cfg.profile:
         results["profile"] = _profile(device, eager_net, cfg)
     # The peak again, at the end: the larger of the two is used for every fraction.
@@ -164,9 +194,8 @@ def run(cfg: BenchSettings) -> dict:
         after = measure_peak(device, key, n)
         results.setdefault("peak_measurements", {})[key] = [before, after]
         peaks[key] = max(before, after)
-    for entry in results["sizes"].values():
-        derive(entry["rows"], peaks)
-    results["targets"] = {**check_goals(results, device), **check_time_goals(results, device)}
+    results.pop("partial", None)
+    _derive_all(results, peaks, device)
     return results
 
 
@@ -185,8 +214,9 @@ def write(results: dict, out_dir: Path, name: str | None) -> list[Path]:
 
 
 def main_from_args(cfg: BenchSettings) -> int:
-    results = run(cfg)
-    paths = write(results, results_dir(cfg.out, cfg.quick), cfg.name)
+    out_dir = results_dir(cfg.out, cfg.quick)
+    results = run(cfg, on_progress=lambda partial: write(partial, out_dir, cfg.name))
+    paths = write(results, out_dir, cfg.name)
     from .report import markdown
 
     print(markdown(results))

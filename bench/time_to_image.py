@@ -77,9 +77,9 @@ def _run_once(cmd: list[str], out: Path, env: dict, timeout: float) -> dict:
 
 
 def time_to_image(device: torch.device, weights_state: dict, tmp: Path, quick: bool, timeout: float = 900,
-                  renders=()) -> dict:
+                  renders=(), on_command=None) -> dict:
     """{render: {command: {cold_s, warm_s}}} for ``renders`` ((px, steps) pairs), else the renders
-    sized for this device."""
+    sized for this device. ``on_command(results so far)`` after each command, if given."""
     renders = renders or (QUICK_RENDERS if quick else (GPU_RENDERS if device.type == "cuda" else CPU_RENDERS))
     files = {"weights": tmp / "vgg19-features.pth"}
     torch.save(weights_state, files["weights"])
@@ -89,7 +89,7 @@ def time_to_image(device: torch.device, weights_state: dict, tmp: Path, quick: b
         files["content"], files["style"] = tmp / f"content-{size}.png", tmp / f"style-{size}.png"
         _save(content, files["content"])
         _save(style, files["style"])
-        entry = {}
+        entry = results["renders"][f"{size} px / {steps} steps"] = {}
         for name, cmd in _commands(size, steps, device.type, files).items():
             cache = tmp / f"cache-{size}-{len(entry)}"
             env = {**os.environ, **compile_cache_env(cache)}
@@ -99,5 +99,6 @@ def time_to_image(device: torch.device, weights_state: dict, tmp: Path, quick: b
             entry[name] = {"cold_s": cold.get("s"), "warm_s": warm.get("s"),
                            **({"error": cold.get("error") or warm.get("error")} if "s" not in cold or "s" not in warm
                               else {})}
-        results["renders"][f"{size} px / {steps} steps"] = entry
+            if on_command is not None:
+                on_command(results)
     return results

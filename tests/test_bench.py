@@ -288,6 +288,79 @@ def test_baseline_loops_optimise_the_engines_objective():
     torch.testing.assert_close(tut.step(), want, rtol=1e-4, atol=0)
 
 
+def test_a_benchmark_stopped_midway_keeps_the_sizes_it_finished(tmp_path, monkeypatch):
+    """A GPU machine's call ends at its limit (timeout sends SIGTERM): the tables are written
+    after every size, marked partial, so what was measured comes back."""
+    from nst.bench import run as bench_run
+
+    real = bench_run._size_entry
+
+    def entry(size, *args):
+        if size == 40:
+            raise KeyboardInterrupt  # what a stop signal raises in the engine
+        return real(size, *args)
+
+    monkeypatch.setattr(bench_run, "_size_entry", entry)
+    code = main(["-q", "bench", "--quick", "--device", "cpu", "--sizes", "32", "40", "--rows", "eager", "engine",
+                 "--no-time-to-image", "--no-profile", "--no-onnx", "--out", str(tmp_path), "--name", "cut"])
+    assert code != 0
+    data = json.loads((tmp_path / "cut.json").read_text())
+    assert list(data["sizes"]) == ["32"] and "not measured yet: 40 px" in data["partial"]
+    assert [r["key"] for r in data["sizes"]["32"]["rows"]] == ["eager", "engine"]
+    assert data["sizes"]["32"]["rows"][1]["speedup_vs_eager"] > 0  # derived from what was there
+    assert "**Partial results**: the run stopped before it finished (not measured yet: 40 px" in (
+        tmp_path / "cut.md").read_text()
+    # Rows timed one by one (as on a GPU): written after each row, so a row that hangs or is
+    # stopped keeps the rows before it.
+    from nst.bench import rows as bench_rows
+
+    monkeypatch.setattr(bench_run, "_size_entry", real)
+    real_row = bench_rows.build_row
+
+    def build(row, *args):
+        if row.key == "engine":
+            raise KeyboardInterrupt
+        return real_row(row, *args)
+
+    monkeypatch.setattr(bench_rows, "build_row", build)
+    assert main(["-q", "bench", "--quick", "--device", "cpu", "--sizes", "32", "--rows", "eager", "engine",
+                 "--no-interleave", "--no-time-to-image", "--no-profile", "--no-onnx", "--out", str(tmp_path),
+                 "--name", "cut"]) != 0
+    data = json.loads((tmp_path / "cut.json").read_text())
+    assert [r["key"] for r in data["sizes"]["32"]["rows"]] == ["eager"] and data["sizes"]["32"]["rows"][0]["ms_per_step"]
+    assert data["partial"].startswith("not measured yet: the rest of 32 px")
+    # A run that finishes has no such mark.
+    monkeypatch.setattr(bench_rows, "build_row", real_row)
+    assert main(["-q", "bench", "--quick", "--device", "cpu", "--sizes", "32", "--rows", "eager", "--no-time-to-image",
+                 "--no-profile", "--no-onnx", "--out", str(tmp_path), "--name", "cut"]) == 0
+    data = json.loads((tmp_path / "cut.json").read_text())
+    assert "partial" not in data and "Partial" not in (tmp_path / "cut.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_user_loop_s_whole_compiled_step_follows_its_eager_step():
+    """The strongest baseline (``whole=True``: loss, backward, Adam and clamp under one
+    torch.compile call, the ``user_whole`` rows) really steps, on the CPU too, and takes the
+    same steps as the same loop run eagerly."""
+    import torch
+
+    from nst.bench.user_loop import UserLoop, vgg19_cut
+    from nst.engine.weights import resolve_weights
+
+    gen = torch.Generator().manual_seed(12)
+    content, style = (torch.rand(1, 3, 40, 32, generator=gen) for _ in range(2))
+    net = vgg19_cut(resolve_weights("random:2", "vgg19").state, "cpu")
+    eager = UserLoop(net, content, style)
+    eager.loss_fn = eager.loss  # the same loop, nothing compiled
+    whole = UserLoop(net, content, style, whole=True)
+    assert whole.step is not whole._step  # the compiled step
+    for i in range(3):
+        eager.step()
+        whole.step()
+        torch.testing.assert_close(whole.x, eager.x, rtol=0, atol=1e-5, msg=f"step {i}")
+    assert not torch.equal(whole.x, content)  # it moved
+
+
 def test_quick_tiles_benchmark(tmp_path, capsys):
     """`nst bench-tiles --quick`: an untiled and a tiled row at one size, their ratio, the
     memory plan's reach and the two-rank sharing section; bad cases are one line."""
