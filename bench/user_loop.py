@@ -8,7 +8,10 @@ made fast with the tools PyTorch ships.
 - fused Adam on GPUs (foreach on the CPU), then a clamp to [0, 1];
 - ``torch.backends.cudnn.benchmark = True`` (cuDNN times its algorithms once per shape);
 - or, ``whole=True``, the whole step (loss, backward, Adam, clamp) under one
-  ``torch.compile`` call, as a skilled user would write it last.
+  ``torch.compile`` call, as a skilled user would write it last. Dynamo breaks the graph
+  at ``.backward()`` (without its experimental compiled autograd), so this compiles the
+  loss with its AOTAutograd backward and, apart, the Adam step and the clamp: what that
+  call gives a user.
 
 Under autocast a user's Grams run in bf16 like everything they do not single out: faster
 than the engine's float32-accumulated ones and less accurate. That is the baseline's

@@ -162,6 +162,13 @@ def test_the_render_runs_the_chosen_variant_and_the_next_one_reuses_it(tmp_path,
     assert torch.equal(x.detach(), x0) and float(stepper.adam.step_count) == 0  # restarted: a fresh render
     again = choose_step(p.objective, p.x, s, with_variant(p.plan, "auto"))
     assert again[4].variant == "kernels" and again[4].cached
+    # Another GPU model, or another torch: the cached choice is not theirs, a trial runs again.
+    for attr, value in ((variants, "device_name"), (torch, "__version__")):
+        with monkeypatch.context() as m:
+            m.setattr(attr, value, (lambda device: "Another GPU") if value == "device_name" else "9.9.9")
+            other = choose_step(p.objective, p.x, s, with_variant(p.plan, "auto"))[4]
+        assert not other.cached and set(other.ms) == {"graph", "compiled", "kernels"} and other.key != again[4].key
+    assert len(json.loads((tmp_path / "v.json").read_text())["choices"]) == 3  # each kept under its own key
 
 
 def test_the_fused_step_follows_the_reference_step():
