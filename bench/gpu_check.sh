@@ -54,7 +54,7 @@ pyrun() {  # SECONDS, then python's arguments: a test, benchmark or render, offl
     echo >> "$GPU_CHECK_DRY"
     return 0
   fi
-  NST_OFFLINE=1 timeout "$t" $PY "$@"
+  NST_OFFLINE=1 timeout -k 10 "$t" $PY "$@"  # SIGTERM (a stop nst takes at a step), then SIGKILL 10 s later
 }
 
 setup() {
@@ -191,7 +191,8 @@ lent_left() { echo $(( ${LENT_S:-290} - SECONDS )); }
 
 lent_t() {  # CAP RESERVE: a part's timeout, at most CAP seconds and leaving RESERVE for the parts after it
   local t=$(( $(lent_left) - $2 ))
-  echo $(( t < $1 ? t : $1 ))
+  t=$(( t < $1 ? t : $1 ))
+  echo $(( t < 1 ? 1 : t ))  # never 0: to `timeout` that means no limit
 }
 
 lent_part() {  # name, seconds: true when the part may start (time left), else a "skipped" row
@@ -237,7 +238,7 @@ lent() {
       --no-onnx --renders 512:500 --out "$res" --name "$slug-time-to-image" >> "$log" 2>&1
     rc=$?
     row lent "time to image 512 px / 500 steps, cold and warm" "$([ $rc = 0 ] && echo ok || echo "FAIL (exit $rc)")" \
-      "$(grep -E 'warm' "$res/$slug-time-to-image.md" 2>/dev/null | head -2 | tr '\n' ';' | cut -c1-160)"
+      "$(grep -E '^\| 512 px|time_to_image_warm_s|Partial' "$res/$slug-time-to-image.md" 2>/dev/null | tr '\n' ';' | cut -c1-200)"
   fi
   # 4. The 4096 px render under --time-budget 45, from process start to image written.
   if lent_part "4096 px render" 70; then

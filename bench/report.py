@@ -88,6 +88,8 @@ def _size_section(size: str, entry: dict) -> list[str]:
         how = "" if not c else (" (cached)" if c.get("cached") else " (chosen by measurement: " + ", ".join(
             f"{k} {v:.3g} ms" if v is not None else f"{k} failed" for k, v in c.get("ms", {}).items()) + ")")
         lines += ["", f"The engine defaults ran the step variant {eng['step_variant']}{how}."]
+        if c and c.get("errors"):
+            lines[-1] += " Not chosen: " + "; ".join(f"{k}: {v}" for k, v in c["errors"].items()) + "."
     ort = next((r for r in entry["rows"] if r["key"] == "onnxruntime" and r.get("speedup_vs_engine")), None)
     if ort:
         lines += ["", f"The step in ONNX Runtime: {ort['ms_per_step']:.1f} ms against the engine defaults' "

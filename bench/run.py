@@ -162,10 +162,14 @@ def run(cfg: BenchSettings, on_progress=None) -> dict:
     later = ["time to image"] * cfg.time_to_image + ["the profile"] * cfg.profile + ["the peaks at the end"]
 
     def progress(missing: list[str]) -> None:  # what is measured so far, written
-        if on_progress is not None:
-            results["partial"] = "not measured yet: " + ", ".join(missing)
-            _derive_all(results, peaks, device)
+        if on_progress is None:
+            return
+        results["partial"] = "not measured yet: " + ", ".join(missing)
+        _derive_all(results, peaks, device)
+        try:
             on_progress(results)
+        except Exception as e:  # a side task: the measurements go on, the final write says if it fails too
+            log.warning("could not write the partial results: %s", e)
 
     with tempfile.TemporaryDirectory(prefix="nst-bench-") as tmp, _fresh_compile_caches(Path(tmp)):
         if cfg.waterfall:
@@ -199,7 +203,9 @@ def run(cfg: BenchSettings, on_progress=None) -> dict:
     return results
 
 
-def write(results: dict, out_dir: Path, name: str | None) -> list[Path]:
+def write(results: dict, out_dir: Path, name: str | None, plot_it: bool = True) -> list[Path]:
+    """The JSON and the markdown table, and (``plot_it``) the plot; a partial write removes
+    an earlier run's plot instead, which no longer matches the tables."""
     from .report import markdown, plot
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -207,6 +213,9 @@ def write(results: dict, out_dir: Path, name: str | None) -> list[Path]:
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
     atomic_write_text(paths[0], json.dumps(results, indent=1, default=float) + "\n")
     atomic_write_text(paths[1], markdown(results))
+    if not plot_it:
+        (out_dir / f"{stem}.png").unlink(missing_ok=True)
+        return paths
     png = plot(results, out_dir / f"{stem}.png")
     if png:
         paths.append(png)
@@ -215,7 +224,7 @@ def write(results: dict, out_dir: Path, name: str | None) -> list[Path]:
 
 def main_from_args(cfg: BenchSettings) -> int:
     out_dir = results_dir(cfg.out, cfg.quick)
-    results = run(cfg, on_progress=lambda partial: write(partial, out_dir, cfg.name))
+    results = run(cfg, on_progress=lambda partial: write(partial, out_dir, cfg.name, plot_it=False))
     paths = write(results, out_dir, cfg.name)
     from .report import markdown
 

@@ -39,7 +39,9 @@ class ScaleOutcome:
     final_loss: float | None = None
     why: str = ""  # why the scale ended (the printed report shows it)
     step_variant: str = ""  # which step ran at this scale, and what it cost to set up
-    variant_cached: bool | None = None  # the choice read from the cache (None: not chosen by measurement)
+    # True: the step's choice read from the cache; False: made now (a trial, or the compiled step
+    # where a clock leaves no time for one); None: the settings or the machine named the step
+    variant_cached: bool | None = None
     compile_s: float = 0.0
     capture_s: float = 0.0
 

@@ -241,7 +241,9 @@ def choose_step(objective, x0: torch.Tensor, settings: StylizeSettings, plan: St
     else:
         rtol = 2e-2 if plan.autocast_dtype is not None else 1e-3
         candidates = [variants.Candidate(n, lambda n=n: build(n)) for n in names]
-        choice, stepper = variants.trial(candidates, variants.default_timer(plan.device), rtol)
+        spec = problem.spec
+        choice, stepper = variants.trial(candidates, variants.default_timer(plan.device), rtol,
+                                         weights=(1.0, spec.content_weight, spec.style_weight, spec.tv_weight))
         choice.key = key
         if why_not is not None:
             choice.errors["kernels"] = why_not

@@ -288,6 +288,19 @@ def test_baseline_loops_optimise_the_engines_objective():
     torch.testing.assert_close(tut.step(), want, rtol=1e-4, atol=0)
 
 
+def test_the_report_says_which_step_ran_and_why_the_others_did_not():
+    from nst.bench.report import _size_section
+
+    choice = {"cached": False, "ms": {"graph": 2.0, "compiled": 1.5, "kernels": 1.2},
+              "errors": {"kernels": "its losses after 14 steps differ from graph's by more than 0.02"}}
+    rows = [{"key": "engine", "label": "engine defaults", "kind": "engine", "applicable": True,
+             "step_variant": "compiled", "variant_choice": choice, "steps_per_s": 500.0, "ms_per_step": 2.0,
+             "tflops": 1.0}]
+    text = "\n".join(_size_section("512", {"rows": rows}))
+    assert ("The engine defaults ran the step variant compiled (chosen by measurement: graph 2 ms, compiled 1.5 ms, "
+            "kernels 1.2 ms). Not chosen: kernels: its losses after 14 steps differ from graph's") in text
+
+
 def test_a_benchmark_stopped_midway_keeps_the_sizes_it_finished(tmp_path, monkeypatch):
     """A GPU machine's call ends at its limit (timeout sends SIGTERM): the tables are written
     after every size, marked partial, so what was measured comes back."""

@@ -95,6 +95,39 @@ def test_a_candidate_whose_later_losses_drift_is_never_chosen():
     assert choice.variant == "kernels" and choice.errors["graph"] == "its losses are not finite"
 
 
+def test_the_parity_check_weighs_each_part_by_its_share_of_the_objective():
+    """At the content image the content loss is rounding noise: two correct variants can be 2x
+    apart on it. Each part, times its weight, is compared with the total; a part whose
+    weighted difference is more than rtol of the total still fails."""
+    total = lambda c, s, tv, w: torch.tensor([w[1] * c + w[2] * s + w[3] * tv, c, s, tv])  # noqa: E731
+    w = (1.0, 1.0, 1e6, 1e-3)
+    a, b = total(1e-7, 1e-6, 0.5, w), total(2e-7, 1e-6, 0.5, w)  # content 2x apart, 1e-7 of a total of 1.0005
+    assert variants._agree(a, b, 1e-3, w) and abs(a[1] - b[1]) / b[1] == 0.5  # the part alone: 50% apart
+    c = total(1e-7, 1.01e-6, 0.5, w)  # style 1% off: 1% of the total
+    assert not variants._agree(a, c, 1e-3, w) and variants._agree(a, c, 2e-2, w)
+    assert not variants._agree(a, torch.tensor([float("inf"), 0, 0, 0]), 1e-3, w)
+
+
+def test_a_stepper_that_reuses_its_output_buffer_is_read_at_the_right_steps():
+    """A captured step returns the same output buffer at every replay: the trial copies the
+    first step's losses before the next step, and the last timed step's right after the
+    timer, so such a stepper agrees with one that returns fresh tensors."""
+    clock = [0.0]
+
+    class Replayed(FakeStepper):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.buf = torch.zeros(4)
+
+        def step(self):
+            return self.buf.copy_(super().step())
+
+    cands = _candidates({"graph": 2.0}, clock)
+    cands.append(variants.Candidate("compiled", lambda: Replayed([1.0, 0.5, 0.4, 0.1], 1.0, clock)))
+    choice, stepper = variants.trial(cands, _timer(clock), rtol=1e-6, replays=5)
+    assert choice.variant == "compiled" and not choice.errors and isinstance(stepper, Replayed)
+
+
 def test_the_trial_warms_up_every_step_variant_enough():
     """Every candidate runs variants.WARMUP steps before it is timed (the same number, so that
     the losses after the timed steps are comparable): at least what a captured step needs."""
@@ -141,14 +174,15 @@ def test_the_render_runs_the_chosen_variant_and_the_next_one_reuses_it(tmp_path,
     _last = ["AdamStep"]
     real_trial = variants.trial
 
-    def spy_trial(candidates, timer, rtol, replays=variants.REPLAYS):
+    def spy_trial(candidates, timer, rtol, replays=variants.REPLAYS, **kwargs):
         def wrap(c):
             def build():
                 s = c.build()
                 _last[0] = type(s).__name__
                 return s
             return variants.Candidate(c.name, build)
-        return real_trial([wrap(c) for c in candidates], timer, rtol, replays=2)
+        assert kwargs["weights"] == (1.0, s.content_weight, s.style_weight, s.tv_weight)
+        return real_trial([wrap(c) for c in candidates], timer, rtol, replays=2, **kwargs)
 
     monkeypatch.setattr(variants, "trial", spy_trial)
     s = StylizeSettings(size=48, variant_cache=str(tmp_path / "v.json"), **SMALL)
