@@ -137,9 +137,10 @@ def _derive_all(results: dict, peaks: dict, device) -> None:
 
 
 def run(cfg: BenchSettings, on_progress=None) -> dict:
-    """The benchmark's results. ``on_progress(results)``, if given, is called after each size
-    and each time-to-image command with what is measured so far (``results["partial"]`` says
-    what is not): a run stopped by a timeout (a GPU machine's call limit) keeps what it did."""
+    """The benchmark's results. ``on_progress(results)``, if given, is called after each row
+    timed on its own (a GPU's rows), each size and each time-to-image command with what is
+    measured so far (``results["partial"]`` says what is not): a run stopped by a timeout (a
+    GPU machine's call limit) keeps what it did."""
     unknown = [k for k in cfg.rows if k not in {r.key for r in ROWS}]
     if unknown:
         raise NSTError(f"--rows: no row {unknown[0]!r}; the rows are {' '.join(r.key for r in ROWS)}")
