@@ -124,7 +124,7 @@ PY
   else
     row render "4096 px, --time-budget $budget" FAIL "exit $rc (see render.log)"
   fi
-  rm -f "$dir"/out.png
+  rm -f "$dir"/out.png "$dir"/content.png "$dir"/style.png  # only the tables and logs go back from $OUT
 }
 
 render() {
