@@ -127,7 +127,8 @@ class StylizeSettings:
         "image update). auto: on a GPU, each candidate is timed at the first render of a size bucket and the fastest "
         "that passes a parity check runs (the choice is cached, see --variant-cache; under --time-budget or "
         "--time-limit without a cached choice, compiled); on the CPU, eager (it measured fastest there). --compile is "
-        "--step-variant compiled (kernels compiles too); --no-cuda-graph leaves the capture out of any variant; --reference runs the reference path instead",
+        "--step-variant compiled (kernels compiles too); --no-cuda-graph leaves the capture out of any variant; "
+        "--reference runs the reference path instead",
         choices=STEP_VARIANTS, loop_only=True)
     variant_cache: str | None = option(None, help="the file that keeps the step variants chosen on this machine (default: "
                                        "$NST_CACHE_DIR, $XDG_CACHE_HOME/nst or ~/.cache/nst, step-variants.json)",
